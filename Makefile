@@ -1,0 +1,32 @@
+# backdoor-vmm: the two commands a new user needs are `make demo` and `make test`.
+# Everything is built by this file: Rust crates with cargo, guests with images/Makefile.
+
+CARGO ?= cargo
+
+.PHONY: all build guests demo test lint bench clean
+
+all: build
+
+build: guests
+	$(CARGO) build --release --workspace
+
+guests:
+	$(MAKE) -s -C images all
+
+# The main job on its embedded default (see README).
+demo: build
+	./demo.sh
+
+# Style, lints, and every test. CI runs exactly this.
+test: guests
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) build -p bdvmm
+	$(CARGO) test --workspace
+
+bench: build
+	$(CARGO) bench -p bdvmm-tests
+
+clean:
+	$(MAKE) -s -C images clean
+	$(CARGO) clean

@@ -1,0 +1,15 @@
+// SPDX-License-Identifier: MIT
+/* Proves a failing guest makes bdvmm fail too (exit status 10). */
+#include "lib.h"
+
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
+{
+	(void)ncpus;
+	(void)ram_bytes;
+
+	if (cpu != 0)
+		spin_forever();
+
+	report(false, "deliberate failure");
+	return report_summary();
+}

@@ -1,0 +1,121 @@
+//! The control socket: status, pause/resume, stop, exit counters that move
+//! exactly as the guest's actions predict, and bad requests.
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use bdvmm_tests::{exit, Vm};
+
+const T: Duration = Duration::from_secs(30);
+
+fn ticks(console: &str) -> usize {
+    console.matches("tick ").count()
+}
+
+#[test]
+fn pause_stops_guest_progress_and_resume_restarts_it() {
+    let mut vm = Vm::test_guest("ticker", 3, &["--vcpus", "2"]);
+    vm.wait_console("tick 3\n", T);
+    let reply = vm.api("pause");
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(vm.api("status")["state"], "paused");
+    let (console_at_pause, out_at_pause) = (vm.console(), vm.exits("io_out"));
+    sleep(Duration::from_millis(400));
+    // The ticker prints about every 10 ms: 400 ms without a byte means paused.
+    assert_eq!(vm.console(), console_at_pause, "guest printed while paused");
+    assert_eq!(
+        vm.exits("io_out"),
+        out_at_pause,
+        "guest exited while paused"
+    );
+
+    assert_eq!(vm.api("resume")["ok"], true);
+    assert_eq!(vm.api("status")["state"], "running");
+    let next = format!("tick {}\n", ticks(&console_at_pause) + 3);
+    vm.wait_console(&next, T);
+    assert!(
+        vm.exits("interrupted") >= 2,
+        "pausing kicks every vCPU out of KVM_RUN"
+    );
+}
+
+#[test]
+fn exit_counters_match_the_guests_actions_exactly() {
+    let mut vm = Vm::test_guest("exits", 3, &[]);
+    vm.wait_console("exits: done\n", T);
+    // One `out` per console byte, plus the workload's 1000 outs, 300 ins,
+    // 200 MMIO reads and 100 MMIO writes. Nothing else exits.
+    let st = vm.api("status");
+    let e = &st["exits"][0];
+    let console_bytes = vm.console().len() as u64;
+    assert_eq!(
+        console_bytes,
+        ("exits: start\n".len() + "exits: done\n".len()) as u64
+    );
+    assert_eq!(e["io_out"], 1000 + console_bytes, "{st}");
+    assert_eq!(e["io_in"], 300, "{st}");
+    assert_eq!(e["mmio_read"], 200, "{st}");
+    assert_eq!(e["mmio_write"], 100, "{st}");
+    assert_eq!(st["unhandled_pio"], 1300, "port 0x80 has no device: {st}");
+    assert_eq!(st["unhandled_mmio"], 300, "{st}");
+
+    // The guest now computes natively in ring 3: no exits at all.
+    sleep(Duration::from_millis(300));
+    let later = vm.api("status");
+    assert_eq!(
+        later["exits"], st["exits"],
+        "ring-3 computation must not exit"
+    );
+
+    assert_eq!(vm.api("stop")["ok"], true);
+    assert_eq!(vm.wait_exit(T), Some(exit::OK));
+}
+
+#[test]
+fn status_describes_the_vm() {
+    let mut vm = Vm::test_guest("ticker", 3, &["--vcpus", "2", "--mem", "128M"]);
+    vm.wait_console("tick 0\n", T);
+    let st = vm.api("status");
+    assert_eq!(st["ok"], true);
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["vcpus"], 2);
+    assert_eq!(st["mem_bytes"], 128u64 << 20);
+    assert_eq!(st["pid"], vm.pid());
+    assert!(st["guest"].as_str().unwrap().ends_with("ticker.elf"));
+    assert_eq!(st["exits"].as_array().unwrap().len(), 2);
+    assert!(
+        st["boot_timer_ns"].is_null(),
+        "ticker never touches the boot timer"
+    );
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_vm_keeps_running() {
+    let mut vm = Vm::test_guest("ticker", 3, &[]);
+    vm.wait_console("tick 0\n", T);
+    for bad in [
+        &b"hello"[..],
+        br#"{"cmd":"reboot"}"#,
+        b"{}",
+        br#"{"cmd":1}"#,
+        b"\xff\xff",
+    ] {
+        let reply: serde_json::Value = serde_json::from_str(&vm.api_raw(bad)).unwrap();
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(
+            reply["error"]
+                .as_str()
+                .unwrap()
+                .contains("expected a JSON object"),
+            "{reply}"
+        );
+    }
+    let huge = vec![b'x'; 10_000];
+    assert!(
+        vm.api_raw(&huge).contains("longer than"),
+        "oversized requests are refused"
+    );
+    assert_eq!(vm.api("status")["state"], "running");
+    assert_eq!(vm.api("stop")["ok"], true);
+    assert_eq!(vm.wait_exit(T), Some(exit::OK));
+}

@@ -1,0 +1,396 @@
+//! The control socket: a Unix stream socket speaking newline-delimited JSON.
+//! This module owns parsing and the socket; the VM side is [`VmControl`].
+//!
+//! Requests are one JSON object per line, `{"cmd": "status"}`; every reply
+//! is one line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+//! See docs/api.md for the fields.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+
+use crate::bus::Bus;
+use crate::exit_counters::{ExitCounters, ExitCounts};
+use crate::lifecycle::{Lifecycle, RunState, VmExit};
+
+/// Longest request line accepted; a longer one closes the connection.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// Most connections served at once; more are refused.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long `pause` waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A request, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// VM state, configuration and exit counts.
+    Status,
+    /// Park every vCPU outside KVM_RUN.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Stop the VM; bdvmm exits with status 0.
+    Stop,
+    /// Per-vCPU exit counts only.
+    Exits,
+}
+
+/// The request as it travels: exactly one field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRequest {
+    cmd: String,
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    const EXPECTED: &str = "expected a JSON object like {\"cmd\":\"status\"} with cmd one of status, pause, resume, stop, exits";
+    let wire: WireRequest =
+        serde_json::from_slice(line).map_err(|e| format!("bad request ({e}); {EXPECTED}"))?;
+    match wire.cmd.as_str() {
+        "status" => Ok(Request::Status),
+        "pause" => Ok(Request::Pause),
+        "resume" => Ok(Request::Resume),
+        "stop" => Ok(Request::Stop),
+        "exits" => Ok(Request::Exits),
+        other => Err(format!("unknown command {other:?}; {EXPECTED}")),
+    }
+}
+
+/// Exit counts of one vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuExits {
+    /// vCPU index.
+    pub vcpu: u8,
+    /// Counts by reason.
+    #[serde(flatten)]
+    pub counts: ExitCounts,
+}
+
+/// The reply to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// running, paused or stopping.
+    pub state: String,
+    /// bdvmm's process id.
+    pub pid: u32,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// What the guest is (kernel or test guest path).
+    pub guest: String,
+    /// Milliseconds since bdvmm started.
+    pub uptime_ms: u64,
+    /// CLOCK_MONOTONIC ns of the guest's first boot-timer write, if any.
+    pub boot_timer_ns: Option<u64>,
+    /// Port accesses that hit no device.
+    pub unhandled_pio: u64,
+    /// MMIO accesses that hit no device.
+    pub unhandled_mmio: u64,
+    /// Per-vCPU exit counts.
+    pub exits: Vec<VcpuExits>,
+}
+
+/// What the control socket can see and do to the VM.
+#[derive(Debug)]
+pub struct VmControl {
+    /// Shared run state.
+    pub lifecycle: Arc<Lifecycle>,
+    /// One set of counters per vCPU, by index.
+    pub counters: Vec<Arc<ExitCounters>>,
+    /// Port bus (for its unhandled count).
+    pub pio: Arc<Bus>,
+    /// MMIO bus (for its unhandled count).
+    pub mmio: Arc<Bus>,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Description of the guest.
+    pub guest: String,
+    /// Boot-timer value (0 = not yet).
+    pub boot_timer_ns: Arc<AtomicU64>,
+}
+
+impl VmControl {
+    fn exits(&self) -> Vec<VcpuExits> {
+        self.counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| VcpuExits {
+                vcpu: u8::try_from(i).unwrap_or(u8::MAX),
+                counts: c.snapshot(),
+            })
+            .collect()
+    }
+
+    fn state_name(&self) -> &'static str {
+        match self.lifecycle.run_state() {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopping => "stopping",
+        }
+    }
+
+    /// Carries out one request and builds its reply.
+    pub fn handle(&self, req: Request) -> serde_json::Value {
+        use serde_json::json;
+        let fail = |e: &dyn std::fmt::Display| json!({"ok": false, "error": e.to_string()});
+        match req {
+            Request::Status => {
+                let status = Status {
+                    state: self.state_name().into(),
+                    pid: std::process::id(),
+                    vcpus: u8::try_from(self.counters.len()).unwrap_or(u8::MAX),
+                    mem_bytes: self.mem_bytes,
+                    guest: self.guest.clone(),
+                    uptime_ms: u64::try_from(self.lifecycle.started().elapsed().as_millis())
+                        .unwrap_or(u64::MAX),
+                    boot_timer_ns: Some(self.boot_timer_ns.load(Ordering::Relaxed))
+                        .filter(|&t| t != 0),
+                    unhandled_pio: self.pio.unhandled(),
+                    unhandled_mmio: self.mmio.unhandled(),
+                    exits: self.exits(),
+                };
+                let mut v = serde_json::to_value(status).unwrap_or_default();
+                v["ok"] = json!(true);
+                v
+            }
+            Request::Exits => json!({"ok": true, "exits": self.exits()}),
+            Request::Pause => match self.lifecycle.pause(PAUSE_TIMEOUT) {
+                Ok(()) => json!({"ok": true, "state": "paused"}),
+                Err(e) => fail(&e),
+            },
+            Request::Resume => match self.lifecycle.resume() {
+                Ok(()) => json!({"ok": true, "state": "running"}),
+                Err(e) => fail(&e),
+            },
+            Request::Stop => {
+                self.lifecycle.request_exit(VmExit::ApiStop);
+                json!({"ok": true, "state": "stopping"})
+            }
+        }
+    }
+}
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another live process serves this path.
+    #[error("control socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// bind/listen failed.
+    #[error("cannot listen on control socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+}
+
+struct Connection {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// The control-socket subscriber of the event loop.
+pub struct ApiServer {
+    path: PathBuf,
+    listener: UnixListener,
+    conns: HashMap<RawFd, Connection>,
+    control: Arc<VmControl>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}
+
+impl ApiServer {
+    /// Binds `path`, replacing a stale socket left by a dead bdvmm.
+    pub fn bind(path: &Path, control: Arc<VmControl>) -> Result<Self, ApiError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.to_owned()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let bind_err = |source| ApiError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener,
+            conns: HashMap::new(),
+            control,
+        })
+    }
+
+    fn accept_all(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        tracing::warn!(
+                            "control socket: refusing a connection beyond {MAX_CONNECTIONS}"
+                        );
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    if ops
+                        .add(Events::new(&stream, EventSet::IN | EventSet::READ_HANG_UP))
+                        .is_ok()
+                    {
+                        self.conns.insert(
+                            fd,
+                            Connection {
+                                stream,
+                                buf: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what is available and answers every complete line. Returns
+    /// false when the connection must be closed.
+    fn serve(&mut self, fd: RawFd) -> bool {
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return false;
+        };
+        let mut chunk = [0u8; 1024];
+        loop {
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        let too_long = serde_json::json!({"ok": false, "error": format!("request longer than {MAX_REQUEST_BYTES} bytes; closing")});
+        while let Some(nl) = conn.buf.iter().position(|&b| b == b'\n') {
+            if nl > MAX_REQUEST_BYTES {
+                write_reply(&conn.stream, &too_long);
+                return false;
+            }
+            let line: Vec<u8> = conn.buf.drain(..=nl).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            let reply = match parse_request(line) {
+                Ok(req) => self.control.handle(req),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            };
+            if !write_reply(&conn.stream, &reply) {
+                return false;
+            }
+        }
+        if conn.buf.len() > MAX_REQUEST_BYTES {
+            write_reply(&conn.stream, &too_long);
+            return false;
+        }
+        true
+    }
+}
+
+fn write_reply(mut stream: &UnixStream, reply: &serde_json::Value) -> bool {
+    let mut bytes = reply.to_string().into_bytes();
+    bytes.push(b'\n');
+    // Replies are small; a client that stops reading for a second is dropped
+    // rather than allowed to stall the event loop.
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let ok = stream.write_all(&bytes).is_ok();
+    let _ = stream.set_nonblocking(true);
+    ok
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("control socket: cannot watch the listener: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept_all(ops);
+            return;
+        }
+        let keep = !events.event_set().contains(EventSet::HANG_UP) && self.serve(fd);
+        if !keep {
+            if let Some(conn) = self.conns.remove(&fd) {
+                let _ = ops.remove(Events::empty(&conn.stream));
+            }
+        }
+    }
+}
+
+/// Client side: sends `{"cmd": cmd}` to the socket at `path` and returns the reply.
+pub fn request(path: &Path, cmd: &str) -> Result<serde_json::Value, String> {
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to control socket {}: {e}", path.display()))?;
+    let io = |e: io::Error| format!("control socket {}: {e}", path.display());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    stream
+        .write_all(format!("{{\"cmd\":\"{cmd}\"}}\n").as_bytes())
+        .map_err(io)?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).map_err(io)? == 1 && byte[0] != b'\n' {
+        reply.push(byte[0]);
+    }
+    serde_json::from_slice(&reply).map_err(|e| format!("bad reply from {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(parse_request(br#"{"cmd":"pause"}"#), Ok(Request::Pause));
+        assert_eq!(parse_request(br#" {"cmd" : "exits"} "#), Ok(Request::Exits));
+        for bad in [
+            &br#"{"cmd":"reboot"}"#[..],
+            b"status",
+            b"{}",
+            br#"{"cmd":"stop","x":1}"#,
+            b"\xff\xfe",
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains("status, pause, resume, stop, exits"), "{e}");
+        }
+    }
+}

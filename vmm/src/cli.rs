@@ -1,0 +1,148 @@
+//! Command-line interface: clap definitions and their translation into a
+//! validated [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::boot::cpu::Ring;
+use crate::config::{self, ConfigError, GuestConfig, VmConfig, DEFAULT_CMDLINE};
+
+/// backdoor-vmm's virtual machine monitor.
+#[derive(Debug, Parser)]
+#[command(name = "bdvmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level for bdvmm's own messages (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest and run it until it stops.
+    Run(RunArgs),
+    /// Send one request to a running bdvmm's control socket and print the reply.
+    Ctl(CtlArgs),
+}
+
+/// `bdvmm ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket given to `bdvmm run --api-sock`.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// The request.
+    #[arg(value_enum)]
+    pub cmd: CtlCommand,
+}
+
+/// Requests `bdvmm ctl` can send (docs/api.md).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CtlCommand {
+    /// VM state, configuration and exit counts.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Stop the VM.
+    Stop,
+    /// Per-vCPU exit counts.
+    Exits,
+}
+
+impl CtlCommand {
+    /// The protocol's name for the request.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Stop => "stop",
+            Self::Exits => "exits",
+        }
+    }
+}
+
+/// Starting privilege level of a test guest.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RingArg {
+    /// Ring 0 (kernel mode).
+    #[value(name = "0")]
+    Zero,
+    /// Ring 3 (user mode).
+    #[value(name = "3")]
+    Three,
+}
+
+/// `bdvmm run`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("guest").required(true).args(["kernel", "test_guest"])))]
+pub struct RunArgs {
+    /// Linux kernel to boot (bzImage or ELF vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for the kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", requires = "kernel", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Freestanding test guest (static ELF linked at a fixed address).
+    #[arg(long, value_name = "PATH")]
+    pub test_guest: Option<PathBuf>,
+    /// Privilege level a test guest starts in.
+    #[arg(long, value_enum, default_value = "0", requires = "test_guest")]
+    pub ring: RingArg,
+    /// Guest RAM (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = config::parse_size)]
+    pub mem: u64,
+    /// Back guest RAM with 2-MiB huge pages.
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Number of vCPUs (one host thread each).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
+    /// Also write the serial console to this file.
+    #[arg(long, value_name = "PATH")]
+    pub console_log: Option<PathBuf>,
+    /// Serve the JSON control protocol on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+}
+
+impl TryFrom<RunArgs> for VmConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: RunArgs) -> Result<Self, ConfigError> {
+        config::validate_mem(a.mem, a.hugepages, config::host_memory_bytes())?;
+        let vcpus = config::validate_vcpus(a.vcpus)?;
+        let guest = match (a.kernel, a.test_guest) {
+            (Some(kernel), _) => GuestConfig::Linux {
+                kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+            },
+            (None, Some(path)) => GuestConfig::TestGuest {
+                path,
+                ring: match a.ring {
+                    RingArg::Zero => Ring::Zero,
+                    RingArg::Three => Ring::Three,
+                },
+            },
+            (None, None) => return Err(ConfigError::NoGuest),
+        };
+        Ok(VmConfig {
+            guest,
+            mem_bytes: a.mem,
+            hugepages: a.hugepages,
+            vcpus,
+            console_log: a.console_log,
+            api_sock: a.api_sock,
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! The main thread's event loop (event-manager): SIGINT/SIGTERM, the VM's
+//! exit event and the control socket. It runs until the VM has an exit reason.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
+
+use crate::lifecycle::{Lifecycle, VmExit};
+
+/// The eventfd the signal handler writes to (-1 until installed).
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// The last termination signal received.
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_termination_signal(
+    sig: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) is async-signal-safe; the buffer is a local array.
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// Errors of the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// epoll or eventfd set-up failed.
+    #[error("event loop set-up failed: {0}")]
+    Setup(String),
+}
+
+/// Turns termination signals into a VM exit.
+struct SignalWatcher {
+    evt: EventFd,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.evt, EventSet::IN));
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.evt.read();
+        let signal = LAST_SIGNAL.load(Ordering::SeqCst);
+        eprintln!("bdvmm: received signal {signal}, stopping the VM");
+        self.lifecycle.request_exit(VmExit::Signal { signal });
+    }
+}
+
+/// Wakes the loop when the VM must stop (the check happens in [`run`]).
+struct ExitWatcher {
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.lifecycle.exit_event(), EventSet::IN));
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.lifecycle.exit_event().read();
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Runs until the VM has an exit reason, then returns it.
+pub fn run(lifecycle: Arc<Lifecycle>, extra: Vec<Subscriber>) -> Result<VmExit, EventLoopError> {
+    let setup = |e: &dyn std::fmt::Debug| EventLoopError::Setup(format!("{e:?}"));
+    let mut em: EventManager<Subscriber> = EventManager::new().map_err(|e| setup(&e))?;
+    let sig_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(&e))?;
+    SIGNAL_FD.store(sig_evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, on_termination_signal).map_err(|e| setup(&e))?;
+    }
+    em.add_subscriber(Arc::new(Mutex::new(SignalWatcher {
+        evt: sig_evt,
+        lifecycle: lifecycle.clone(),
+    })));
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+        lifecycle: lifecycle.clone(),
+    })));
+    for s in extra {
+        em.add_subscriber(s);
+    }
+    loop {
+        if let Some(why) = lifecycle.exit_reason() {
+            return Ok(why);
+        }
+        if let Err(e) = em.run_with_timeout(1000) {
+            // A signal interrupting epoll_wait is expected; anything else is not.
+            if !matches!(&e, event_manager::Error::Epoll(err) if err.errno() == libc::EINTR) {
+                return Err(setup(&e));
+            }
+        }
+    }
+}
