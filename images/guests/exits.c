@@ -11,7 +11,8 @@
 #define MMIO_READS	200
 #define MMIO_WRITES	100
 
-int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
+	 unsigned long bd_base)
 {
 	/* From a C pointer: as a disp32 in asm, 0xd0000000 would sign-extend. */
 	volatile uint32_t *mmio = (volatile uint32_t *)MMIO_HOLE;
@@ -20,6 +21,7 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
 
 	(void)ncpus;
 	(void)ram_bytes;
+	(void)bd_base;
 
 	if (cpu != 0)
 		spin_forever();

@@ -2,8 +2,11 @@
 /* Smallest useful guest: proves entry registers and serial output. */
 #include "lib.h"
 
-int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
+	 unsigned long bd_base)
 {
+	(void)bd_base;
+
 	if (cpu != 0)
 		spin_forever();
 

@@ -92,6 +92,7 @@ int report_summary(void);
 void *memset(void *dst, int c, size_t n);
 void *memcpy(void *dst, const void *src, size_t n);
 
-int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes);
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
+	 unsigned long bd_base);
 
 #endif /* BDVMM_GUEST_LIB_H */

@@ -7,11 +7,13 @@
 
 static unsigned long reported;
 
-int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
+	 unsigned long bd_base)
 {
 	unsigned long spins;
 
 	(void)ram_bytes;
+	(void)bd_base;
 
 	print_lock();
 	puts("smp: vcpu ");

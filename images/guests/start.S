@@ -2,9 +2,10 @@
  * Common entry point for bdvmm test guests.
  *
  * bdvmm starts every vCPU here in 64-bit mode with rdi = vCPU index,
- * rsi = vCPU count, rdx = RAM size and rsp = 0, so the first job is to
- * give each vCPU a stack of its own.  rdi/rsi/rdx are left untouched so
- * they arrive as main()'s three arguments.
+ * rsi = vCPU count, rdx = RAM size, rcx = the backdoor device's MMIO base
+ * (0 if none) and rsp = 0, so the first job is to give each vCPU a stack
+ * of its own.  rdi/rsi/rdx/rcx are left untouched so they arrive as
+ * main()'s four arguments.
  */
 
 #define STACK_SHIFT	14		/* 16 KiB per vCPU */

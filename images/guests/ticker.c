@@ -19,13 +19,15 @@ static void delay(unsigned long loops)
 		asm volatile("" : "+r"(i));
 }
 
-int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
+	 unsigned long bd_base)
 {
 	unsigned long loops = cpu_ring() == 0 ? RING0_LOOPS : RING3_LOOPS;
 	unsigned long tick;
 
 	(void)ncpus;
 	(void)ram_bytes;
+	(void)bd_base;
 
 	if (cpu != 0)
 		spin_forever();

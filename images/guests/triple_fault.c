@@ -2,10 +2,12 @@
 /* With no IDT any exception escalates to a triple fault, in either ring. */
 #include "lib.h"
 
-int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes)
+int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
+	 unsigned long bd_base)
 {
 	(void)ncpus;
 	(void)ram_bytes;
+	(void)bd_base;
 
 	if (cpu != 0)
 		spin_forever();

@@ -77,8 +77,8 @@ fn linux_early_boot_sees_the_vm_bdvmm_built() {
     );
     assert_eq!(
         line("Command line: "),
-        cmdline,
-        "the kernel saw exactly our command line"
+        format!("{cmdline} backdoor.dev=4K@0xb0000000:5"),
+        "the kernel saw exactly our command line, plus the backdoor device's announcement"
     );
     let e820: Vec<&str> = console
         .lines()

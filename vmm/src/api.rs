@@ -41,6 +41,8 @@ pub enum Request {
     Stop,
     /// Per-vCPU exit counts only.
     Exits,
+    /// The backdoor's published state: generation, seal, tamper count, hooks.
+    Backdoor,
 }
 
 /// The request as it travels: exactly one field.
@@ -52,7 +54,7 @@ struct WireRequest {
 
 /// Parses one request line.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    const EXPECTED: &str = "expected a JSON object like {\"cmd\":\"status\"} with cmd one of status, pause, resume, stop, exits";
+    const EXPECTED: &str = "expected a JSON object like {\"cmd\":\"status\"} with cmd one of status, pause, resume, stop, exits, backdoor";
     let wire: WireRequest =
         serde_json::from_slice(line).map_err(|e| format!("bad request ({e}); {EXPECTED}"))?;
     match wire.cmd.as_str() {
@@ -61,6 +63,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "resume" => Ok(Request::Resume),
         "stop" => Ok(Request::Stop),
         "exits" => Ok(Request::Exits),
+        "backdoor" => Ok(Request::Backdoor),
         other => Err(format!("unknown command {other:?}; {EXPECTED}")),
     }
 }
@@ -98,6 +101,10 @@ pub struct Status {
     pub unhandled_mmio: u64,
     /// Per-vCPU exit counts.
     pub exits: Vec<VcpuExits>,
+    /// Which boot of the guest this is.
+    pub boots: u32,
+    /// The backdoor's generation (changes on every guest reset).
+    pub generation: u32,
 }
 
 /// What the control socket can see and do to the VM.
@@ -117,6 +124,10 @@ pub struct VmControl {
     pub guest: String,
     /// Boot-timer value (0 = not yet).
     pub boot_timer_ns: Arc<AtomicU64>,
+    /// The backdoor's shared state.
+    pub backdoor: Arc<backdoor_dev::BackdoorShared>,
+    /// Which boot of the guest this is (1 = first; more after reboots).
+    pub boots: u32,
 }
 
 impl VmControl {
@@ -158,12 +169,19 @@ impl VmControl {
                     unhandled_pio: self.pio.unhandled(),
                     unhandled_mmio: self.mmio.unhandled(),
                     exits: self.exits(),
+                    boots: self.boots,
+                    generation: self.backdoor.snapshot().generation,
                 };
                 let mut v = serde_json::to_value(status).unwrap_or_default();
                 v["ok"] = json!(true);
                 v
             }
             Request::Exits => json!({"ok": true, "exits": self.exits()}),
+            Request::Backdoor => {
+                let mut v = serde_json::to_value(self.backdoor.snapshot()).unwrap_or_default();
+                v["ok"] = json!(true);
+                v
+            }
             Request::Pause => match self.lifecycle.pause(PAUSE_TIMEOUT) {
                 Ok(()) => json!({"ok": true, "state": "paused"}),
                 Err(e) => fail(&e),
@@ -390,7 +408,10 @@ mod tests {
             b"\xff\xfe",
         ] {
             let e = parse_request(bad).unwrap_err();
-            assert!(e.contains("status, pause, resume, stop, exits"), "{e}");
+            assert!(
+                e.contains("status, pause, resume, stop, exits, backdoor"),
+                "{e}"
+            );
         }
     }
 }

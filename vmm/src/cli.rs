@@ -53,6 +53,8 @@ pub enum CtlCommand {
     Stop,
     /// Per-vCPU exit counts.
     Exits,
+    /// The backdoor's generation, seal, tamper count and hooks.
+    Backdoor,
 }
 
 impl CtlCommand {
@@ -64,6 +66,7 @@ impl CtlCommand {
             Self::Resume => "resume",
             Self::Stop => "stop",
             Self::Exits => "exits",
+            Self::Backdoor => "backdoor",
         }
     }
 }
@@ -113,6 +116,10 @@ pub struct RunArgs {
     /// Serve the JSON control protocol on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// What a guest reset (or triple fault) does: exit (status 11 or 12),
+    /// or reboot in place with a new backdoor generation.
+    #[arg(long, value_enum, default_value = "exit")]
+    pub on_reset: crate::vmm::OnReset,
 }
 
 impl TryFrom<RunArgs> for VmConfig {
@@ -143,6 +150,7 @@ impl TryFrom<RunArgs> for VmConfig {
             vcpus,
             console_log: a.console_log,
             api_sock: a.api_sock,
+            on_reset: a.on_reset,
         })
     }
 }

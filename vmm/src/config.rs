@@ -71,6 +71,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Control socket path.
     pub api_sock: Option<PathBuf>,
+    /// What a guest reset does.
+    pub on_reset: crate::vmm::OnReset,
 }
 
 /// Parses `4096`, `64K`, `512M`, `2G`, `1T` (binary units, optional `iB`/`B`).

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use backdoor_dev::{BackdoorDevice, BackdoorShared};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -19,7 +20,7 @@ use crate::boot::linux::{self, LinuxBootError};
 use crate::boot::test_guest::{self, TestGuestError};
 use crate::bus::{Bus, BusError, Width};
 use crate::config::{GuestConfig, VmConfig};
-use crate::devices::{boot_timer, debug_exit, i8042, serial};
+use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial};
 use crate::event_loop::{self, EventLoopError};
 use crate::exit_counters::ExitCounters;
 use crate::kvm::{self, KvmError};
@@ -89,27 +90,113 @@ fn vm_ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::VmIoctl { what, source }
 }
 
-/// A built VM, ready to run.
+/// What a guest reset does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OnReset {
+    /// bdvmm exits with status 12 (like Firecracker).
+    #[default]
+    Exit,
+    /// bdvmm reboots the guest in place: same RAM memfd (so the backdoor
+    /// keeps serving it), a fresh KVM VM, the image reloaded, a new
+    /// backdoor generation.
+    Reboot,
+}
+
+/// The VMM: guest RAM and the backdoor outlive each boot of the guest.
 #[derive(Debug)]
 pub struct Vmm {
-    // Field order is drop order: vCPU fds go before the VM fd and guest RAM.
-    vcpu_fds: Vec<VcpuFd>,
-    // Never used after set-up, but it must stay open while vCPUs run.
-    _vm: VmFd,
-    ram: GuestRam,
-    lifecycle: Arc<Lifecycle>,
-    control: Arc<VmControl>,
     config: VmConfig,
-    handles: Arc<OnceLock<Vec<VcpuHandle>>>,
+    kvm: Kvm,
+    ram: GuestRam,
+    backdoor: Arc<BackdoorShared>,
+    vmm_start_ns: u64,
 }
 
 impl Vmm {
-    /// Builds the VM described by `config`.
+    /// Opens KVM and creates guest RAM and the backdoor's shared state.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
         let vmm_start_ns = boot_timer::monotonic_ns();
         let kvm = kvm::open()?;
         let ram = GuestRam::new(config.mem_bytes, config.hugepages)?;
-        let vm = create_vm(&kvm, &ram)?;
+        Ok(Self {
+            config,
+            kvm,
+            ram,
+            backdoor: BackdoorShared::new(random_generation()),
+            vmm_start_ns,
+        })
+    }
+
+    /// Guest RAM (and its memfd), for components that serve it.
+    pub fn guest_ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The backdoor's hook table and counters.
+    pub fn backdoor(&self) -> &Arc<BackdoorShared> {
+        &self.backdoor
+    }
+
+    /// Boots the guest and runs it until it stops (rebooting it on reset
+    /// if asked to), and returns why it stopped.
+    pub fn run(self) -> Result<VmExit, VmmError> {
+        let mut boots = 1;
+        loop {
+            let machine = Machine::build(&self, boots)?;
+            let why = machine.run(self.config.api_sock.as_deref())?;
+            let reset = matches!(why, VmExit::Reset | VmExit::TripleFault { .. });
+            if !(reset && self.config.on_reset == OnReset::Reboot) {
+                return Ok(why);
+            }
+            let generation = self.backdoor.reset();
+            boots += 1;
+            eprintln!("bdvmm: guest reset ({}); rebooting, boot {boots}, backdoor generation {generation}", exit_name(&why));
+        }
+    }
+}
+
+fn exit_name(why: &VmExit) -> &'static str {
+    match why {
+        VmExit::TripleFault { .. } => "triple fault",
+        _ => "reset request",
+    }
+}
+
+/// A random, non-zero starting generation, so that generations from two
+/// runs of bdvmm are unlikely to be confused by a monitor.
+fn random_generation() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let g = if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        // Fall back on the clock: uniqueness across runs is all that matters.
+        (boot_timer::monotonic_ns() & 0xffff_ffff) as u32
+    };
+    g.max(1)
+}
+
+/// One boot of the guest: a KVM VM, its devices and vCPUs.
+#[derive(Debug)]
+struct Machine {
+    // Field order is drop order: vCPU fds go before the VM fd.
+    vcpu_fds: Vec<VcpuFd>,
+    // Never used after set-up, but it must stay open while vCPUs run.
+    _vm: VmFd,
+    lifecycle: Arc<Lifecycle>,
+    control: Arc<VmControl>,
+    handles: Arc<OnceLock<Vec<VcpuHandle>>>,
+    // Registered so a guest driver may bind a handler; ABI v1 never raises it.
+    _backdoor_irq: EventFd,
+}
+
+impl Machine {
+    /// Builds the VM around `vmm`'s RAM: VM → devices → guest image → vCPUs.
+    fn build(vmm: &Vmm, boots: u32) -> Result<Self, VmmError> {
+        let config = &vmm.config;
+        let ram = &vmm.ram;
+        let vm = create_vm(&vmm.kvm, ram)?;
 
         let handles: Arc<OnceLock<Vec<VcpuHandle>>> = Arc::new(OnceLock::new());
         let kick_targets = handles.clone();
@@ -123,7 +210,11 @@ impl Vmm {
         ));
 
         let boot_timer_ns = Arc::new(AtomicU64::new(0));
-        let (pio, mmio) = add_devices(&vm, &config, &lifecycle, &boot_timer_ns, vmm_start_ns)?;
+        let Devices {
+            pio,
+            mmio,
+            backdoor_irq,
+        } = add_devices(&vm, vmm, &lifecycle, &boot_timer_ns)?;
 
         let mem = ram.memory();
         let entry = match &config.guest {
@@ -132,28 +223,31 @@ impl Vmm {
                 initrd,
                 cmdline,
             } => {
-                let e = linux::load(mem, ram.size(), kernel, initrd.as_deref(), cmdline)?;
+                let cmdline = format!("{cmdline} {}", backdoor::cmdline_param());
+                let e = linux::load(mem, ram.size(), kernel, initrd.as_deref(), &cmdline)?;
                 Entry::Linux {
                     rip: e.entry,
                     zero_page: e.zero_page,
                 }
             }
             GuestConfig::TestGuest { path, ring } => Entry::TestGuest {
-                rip: test_guest::load(mem, ram.size(), path)?,
+                rip: test_guest::load(mem, ram.size(), path, boots > 1)?,
                 ring: *ring,
                 ram: ram.size(),
+                backdoor: backdoor::MMIO_BASE,
             },
         };
         cpu::write_boot_tables(mem)?;
 
-        let max = kvm.get_max_vcpus();
+        let max = vmm.kvm.get_max_vcpus();
         if usize::from(config.vcpus) > max {
             return Err(VmmError::TooManyVcpus {
                 asked: config.vcpus,
                 max,
             });
         }
-        let base_cpuid = kvm
+        let base_cpuid = vmm
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(vm_ioctl("read the supported CPUID"))?;
         let mut vcpu_fds = Vec::new();
@@ -178,27 +272,23 @@ impl Vmm {
                 GuestConfig::TestGuest { path, .. } => format!("test-guest:{}", path.display()),
             },
             boot_timer_ns,
+            backdoor: vmm.backdoor.clone(),
+            boots,
         });
         Ok(Self {
             vcpu_fds,
             _vm: vm,
-            ram,
             lifecycle,
             control,
-            config,
             handles,
+            _backdoor_irq: backdoor_irq,
         })
     }
 
-    /// Guest RAM (and its memfd), for components that serve it.
-    pub fn guest_ram(&self) -> &GuestRam {
-        &self.ram
-    }
-
-    /// Runs the VM until it stops and returns why.
-    pub fn run(mut self) -> Result<VmExit, VmmError> {
+    /// Runs this boot until the VM has an exit reason.
+    fn run(mut self, api_sock: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
         let mut extra: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
-        if let Some(path) = &self.config.api_sock {
+        if let Some(path) = api_sock {
             extra.push(Arc::new(Mutex::new(ApiServer::bind(
                 path,
                 self.control.clone(),
@@ -270,15 +360,22 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
     Ok(vm)
 }
 
+/// The buses, and what must live as long as the machine.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    backdoor_irq: EventFd,
+}
+
 fn add_devices(
     vm: &VmFd,
-    config: &VmConfig,
+    vmm: &Vmm,
     lifecycle: &Arc<Lifecycle>,
     boot_timer_ns: &Arc<AtomicU64>,
-    vmm_start_ns: u64,
-) -> Result<(Bus, Bus), VmmError> {
+) -> Result<Devices, VmmError> {
+    let config = &vmm.config;
     let mut pio = Bus::new("pio", Width::ByStart);
-    let mmio = Bus::new("mmio", Width::Contained);
+    let mut mmio = Bus::new("mmio", Width::Contained);
 
     let log = match &config.console_log {
         Some(path) => Some(File::create(path).map_err(|source| VmmError::ConsoleLog {
@@ -315,8 +412,33 @@ fn add_devices(
         boot_timer::LEN,
         Arc::new(Mutex::new(boot_timer::BootTimer::new(
             boot_timer_ns.clone(),
-            vmm_start_ns,
+            vmm.vmm_start_ns,
         ))),
     )?;
-    Ok((pio, mmio))
+
+    let bd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create the backdoor irqfd"))?;
+    vm.register_irqfd(&bd_irq, backdoor::IRQ)
+        .map_err(vm_ioctl("register the backdoor irqfd"))?;
+    let ram_ranges = vmm
+        .ram
+        .ranges()
+        .iter()
+        .map(|r| (r.guest_addr, r.len))
+        .collect();
+    let device = BackdoorDevice::new(
+        vmm.backdoor.clone(),
+        Box::new(backdoor::GuestRam(vmm.ram.memory().clone())),
+        ram_ranges,
+    );
+    mmio.insert(
+        "backdoor",
+        backdoor::MMIO_BASE,
+        backdoor::MMIO_SIZE,
+        Arc::new(Mutex::new(backdoor::BackdoorMmio(device))),
+    )?;
+    Ok(Devices {
+        pio,
+        mmio,
+        backdoor_irq: bd_irq,
+    })
 }

@@ -58,7 +58,7 @@ pub enum Entry {
         zero_page: u64,
     },
     /// Test guest: every vCPU starts at `rip` with RDI = index,
-    /// RSI = vCPU count, RDX = RAM size.
+    /// RSI = vCPU count, RDX = RAM size, RCX = backdoor device base.
     TestGuest {
         /// ELF entry point.
         rip: u64,
@@ -66,6 +66,8 @@ pub enum Entry {
         ring: Ring,
         /// Guest RAM in bytes.
         ram: u64,
+        /// Backdoor device base (RCX), 0 if none.
+        backdoor: u64,
     },
 }
 
@@ -154,11 +156,14 @@ pub fn entry_regs(entry: Entry, vcpu: u8, nvcpus: u8) -> kvm_regs {
             regs.rsp = layout::BOOT_STACK_TOP;
             regs.rbp = layout::BOOT_STACK_TOP;
         }
-        Entry::TestGuest { rip, ram, .. } => {
+        Entry::TestGuest {
+            rip, ram, backdoor, ..
+        } => {
             regs.rip = rip;
             regs.rdi = u64::from(vcpu);
             regs.rsi = u64::from(nvcpus);
             regs.rdx = ram;
+            regs.rcx = backdoor;
         }
     }
     regs
@@ -307,11 +312,15 @@ mod tests {
                 rip: 0x20_0000,
                 ring: Ring::Three,
                 ram: 64 << 20,
+                backdoor: 0xb000_0000,
             },
             2,
             4,
         );
-        assert_eq!((r.rip, r.rdi, r.rsi, r.rdx), (0x20_0000, 2, 4, 64 << 20));
+        assert_eq!(
+            (r.rip, r.rdi, r.rsi, r.rdx, r.rcx),
+            (0x20_0000, 2, 4, 64 << 20, 0xb000_0000)
+        );
         assert_eq!(
             r.rflags, 2,
             "interrupts off; port access comes from the TSS bitmap"

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
-use vm_memory::{ByteValued, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
 
@@ -42,16 +42,22 @@ pub enum TestGuestError {
 }
 
 /// Loads the guest's PT_LOAD segments at their physical addresses and
-/// returns the entry point. Memory past each segment's file data is left
-/// as the fresh memfd provides it: zero.
-pub fn load(mem: &GuestMemoryMmap, mem_size: u64, path: &Path) -> Result<u64, TestGuestError> {
+/// returns the entry point. Memory past each segment's file data (bss)
+/// must read as zero: a fresh memfd already does, so it is only cleared
+/// when `reused` (a reboot into RAM the previous boot wrote).
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    path: &Path,
+    reused: bool,
+) -> Result<u64, TestGuestError> {
     let file_err = |source| TestGuestError::File {
         path: path.to_owned(),
         source,
     };
     let mut file = File::open(path).map_err(file_err)?;
     let ram_end = mem_size.min(layout::MMIO_GAP_START);
-    check_segments(&mut file, ram_end).map_err(|e| match e {
+    let bss = check_segments(&mut file, ram_end).map_err(|e| match e {
         SegmentCheck::Io(source) => TestGuestError::File {
             path: path.to_owned(),
             source,
@@ -74,6 +80,18 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, path: &Path) -> Result<u64, Te
         path: path.to_owned(),
         source,
     })?;
+    if reused {
+        let zeros = vec![0u8; 64 * 1024];
+        for (start, len) in bss {
+            let mut off = 0u64;
+            while off < len {
+                let n = usize::try_from(len - off).map_or(zeros.len(), |r| r.min(zeros.len()));
+                // Inside RAM: check_segments verified every segment is.
+                let _ = mem.write_slice(&zeros[..n], GuestAddress(start + off));
+                off += n as u64;
+            }
+        }
+    }
     Ok(loaded.kernel_load.0)
 }
 
@@ -83,17 +101,19 @@ enum SegmentCheck {
 }
 
 /// Every PT_LOAD segment, bss included, must fit in low RAM above 1 MiB
-/// (the loader itself checks only the file-backed part).
-fn check_segments(file: &mut File, ram_end: u64) -> Result<(), SegmentCheck> {
+/// (the loader itself checks only the file-backed part). Returns the bss
+/// ranges (start, len) to clear.
+fn check_segments(file: &mut File, ram_end: u64) -> Result<Vec<(u64, u64)>, SegmentCheck> {
+    let mut bss = Vec::new();
     let mut ehdr = Elf64_Ehdr::default();
     file.seek(SeekFrom::Start(0)).map_err(SegmentCheck::Io)?;
     if file.read_exact(ehdr.as_mut_slice()).is_err() {
         // Too short to be an ELF: let the loader give its precise error.
-        return Ok(());
+        return Ok(bss);
     }
     if ehdr.e_ident[..4] != *b"\x7fELF" || usize::from(ehdr.e_phentsize) != size_of::<Elf64_Phdr>()
     {
-        return Ok(());
+        return Ok(bss);
     }
     for i in 0..u64::from(ehdr.e_phnum) {
         let mut ph = Elf64_Phdr::default();
@@ -102,7 +122,7 @@ fn check_segments(file: &mut File, ram_end: u64) -> Result<(), SegmentCheck> {
             .saturating_add(i * size_of::<Elf64_Phdr>() as u64);
         file.seek(SeekFrom::Start(off)).map_err(SegmentCheck::Io)?;
         if file.read_exact(ph.as_mut_slice()).is_err() {
-            return Ok(());
+            return Ok(bss);
         }
         if ph.p_type != PT_LOAD || ph.p_memsz == 0 {
             continue;
@@ -111,7 +131,10 @@ fn check_segments(file: &mut File, ram_end: u64) -> Result<(), SegmentCheck> {
         if ph.p_paddr < layout::HIMEM_START || end > ram_end {
             return Err(SegmentCheck::Outside(ph.p_paddr, end));
         }
+        if ph.p_memsz > ph.p_filesz {
+            bss.push((ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz));
+        }
     }
     file.seek(SeekFrom::Start(0)).map_err(SegmentCheck::Io)?;
-    Ok(())
+    Ok(bss)
 }
