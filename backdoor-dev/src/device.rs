@@ -2,13 +2,14 @@
 //! It knows nothing of the VM's lifecycle: the VMM routes 32-bit accesses
 //! here and calls [`BackdoorShared::reset`] when the guest resets.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use backdoor_abi::{
     cmd, reg, HookDesc, HookError, ABI_VERSION, DEV_MAGIC, FEATURE_REPAIR, FEATURE_SEAL, MAX_HOOKS,
     MAX_HOOK_PAGES, STATUS_SEALED,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hooks::{Hook, HookTable};
 
@@ -19,7 +20,7 @@ pub trait GuestReader: Send {
 }
 
 /// What the backdoor publishes: the agent and the control socket read it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
     /// Changes on every guest reset.
     pub generation: u32,
@@ -36,6 +37,8 @@ struct State {
     generation: u32,
     tamper: u32,
     table: HookTable,
+    /// Bumped on every change, so a publisher can wait for the next one.
+    version: u64,
 }
 
 /// The hook table and counters, shared between the device (guest side)
@@ -44,6 +47,7 @@ struct State {
 #[derive(Debug)]
 pub struct BackdoorShared {
     state: Mutex<State>,
+    changed: Condvar,
 }
 
 impl BackdoorShared {
@@ -54,8 +58,26 @@ impl BackdoorShared {
                 generation: generation.max(1),
                 tamper: 0,
                 table: HookTable::default(),
+                version: 0,
             }),
+            changed: Condvar::new(),
         })
+    }
+
+    /// Waits until the published state differs from version `seen` (or
+    /// `timeout` passes) and returns the current version and state.
+    pub fn wait_change(&self, seen: u64, timeout: Duration) -> (u64, Descriptor) {
+        let s = self.lock();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.version == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        (s.version, describe(&s))
+    }
+
+    fn changed(&self, s: &mut State) {
+        s.version += 1;
+        self.changed.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -64,13 +86,7 @@ impl BackdoorShared {
 
     /// A consistent copy of everything published.
     pub fn snapshot(&self) -> Descriptor {
-        let s = self.lock();
-        Descriptor {
-            generation: s.generation,
-            sealed: s.table.sealed(),
-            tamper_count: s.tamper,
-            hooks: s.table.hooks().to_vec(),
-        }
+        describe(&self.lock())
     }
 
     /// Guest reset: a new generation (never 0) and an empty, unsealed table.
@@ -82,7 +98,17 @@ impl BackdoorShared {
         };
         s.tamper = 0;
         s.table = HookTable::default();
+        self.changed(&mut s);
         s.generation
+    }
+}
+
+fn describe(s: &State) -> Descriptor {
+    Descriptor {
+        generation: s.generation,
+        sealed: s.table.sealed(),
+        tamper_count: s.tamper,
+        hooks: s.table.hooks().to_vec(),
     }
 }
 
@@ -202,6 +228,7 @@ impl BackdoorDevice {
             // Every command after the seal is an attempt to change a table
             // the guest promised to leave alone: refuse and count it.
             s.tamper = s.tamper.saturating_add(1);
+            self.shared.changed(&mut s);
             tracing::warn!(
                 command = code,
                 tamper_count = s.tamper,
@@ -209,20 +236,22 @@ impl BackdoorDevice {
             );
             return Err(HookError::Sealed);
         }
-        match code {
-            cmd::REGISTER => {
-                let d = self.descriptor()?;
-                self.hook_id = s.table.register(&d, &self.ram)?;
-                Ok(())
-            }
+        let result = match code {
+            cmd::REGISTER => self
+                .descriptor()
+                .and_then(|d| s.table.register(&d, &self.ram))
+                .map(|id| self.hook_id = id),
             cmd::UNREGISTER => s.table.unregister(self.hook_id),
-            cmd::UPDATE => {
-                let d = self.descriptor()?;
-                s.table.update(&d, &self.ram)
-            }
+            cmd::UPDATE => self
+                .descriptor()
+                .and_then(|d| s.table.update(&d, &self.ram)),
             cmd::SEAL => s.table.seal(),
             _ => Err(HookError::Command),
+        };
+        if result.is_ok() {
+            self.shared.changed(&mut s);
         }
+        result
     }
 }
 

@@ -4,10 +4,10 @@
 use backdoor_abi::{
     decode_name, perms_valid, HookDesc, HookError, HookKind, MAX_HOOKS, MAX_HOOK_PAGES, PAGE_SIZE,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One registered hook.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hook {
     /// Id the device assigned (1-based, never reused within a generation).
     pub id: u32,
@@ -16,7 +16,7 @@ pub struct Hook {
     /// Length in bytes.
     pub len: u64,
     /// What it holds.
-    #[serde(serialize_with = "kind_name")]
+    #[serde(serialize_with = "kind_name", deserialize_with = "kind_from_name")]
     pub kind: HookKind,
     /// `PERM_*` bits.
     pub perms: u32,
@@ -26,6 +26,14 @@ pub struct Hook {
 
 fn kind_name<S: serde::Serializer>(k: &HookKind, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(k.name())
+}
+
+fn kind_from_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HookKind, D::Error> {
+    let name = String::deserialize(d)?;
+    [HookKind::ProgressBox, HookKind::StateBox, HookKind::Repair]
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown hook kind {name:?}")))
 }
 
 /// The hooks of one generation.

@@ -314,3 +314,90 @@ pub mod exit {
     /// SIGTERM.
     pub const TERMINATED: i32 = 143;
 }
+
+/// Key material for backdoor tests: a key file and the raw keys.
+pub mod keys {
+    use std::path::{Path, PathBuf};
+
+    /// The read-role key.
+    pub const READ: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+    /// The repair-role key.
+    pub const REPAIR: [u8; 16] = [
+        16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+    ];
+
+    fn hex(k: &[u8]) -> String {
+        k.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Writes a key file with both roles into `dir`.
+    pub fn write_file(dir: &Path) -> PathBuf {
+        let p = dir.join("keys.toml");
+        std::fs::write(
+            &p,
+            format!("read = \"{}\"\nrepair = \"{}\"\n", hex(&READ), hex(&REPAIR)),
+        )
+        .expect("write key file");
+        p
+    }
+}
+
+/// A separate `bdvmm agent` process.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    /// Where monitors connect.
+    pub addr: String,
+    /// Where a VMM connects.
+    pub vmm_sock: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `bdvmm agent` with keys from `keys` and sockets in `dir`.
+    pub fn start(dir: &Path, keys: &Path) -> Self {
+        let vmm_sock = dir.join("agent.sock");
+        let mut child = Command::new(bdvmm_bin())
+            .args(["agent", "--listen", "127.0.0.1:0", "--keys"])
+            .arg(keys)
+            .arg("--vmm-sock")
+            .arg(&vmm_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bdvmm agent");
+        let stderr = capture(child.stderr.take().expect("piped stderr"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = loop {
+            let text = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+            if let Some(a) = text
+                .split("monitors connect to ")
+                .nth(1)
+                .and_then(|r| r.split(';').next())
+            {
+                break a.to_owned();
+            }
+            assert!(Instant::now() < deadline, "agent did not start: {text}");
+            thread::sleep(Duration::from_millis(10));
+        };
+        Self {
+            child,
+            stderr,
+            addr,
+            vmm_sock,
+        }
+    }
+
+    /// The agent's messages so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -105,6 +105,8 @@ pub struct Status {
     pub boots: u32,
     /// The backdoor's generation (changes on every guest reset).
     pub generation: u32,
+    /// Where the in-process backdoor agent listens, if it runs.
+    pub agent_addr: Option<String>,
 }
 
 /// What the control socket can see and do to the VM.
@@ -128,6 +130,8 @@ pub struct VmControl {
     pub backdoor: Arc<backdoor_dev::BackdoorShared>,
     /// Which boot of the guest this is (1 = first; more after reboots).
     pub boots: u32,
+    /// Where the in-process backdoor agent listens, if it runs.
+    pub agent_addr: Option<String>,
 }
 
 impl VmControl {
@@ -171,6 +175,7 @@ impl VmControl {
                     exits: self.exits(),
                     boots: self.boots,
                     generation: self.backdoor.snapshot().generation,
+                    agent_addr: self.agent_addr.clone(),
                 };
                 let mut v = serde_json::to_value(status).unwrap_or_default();
                 v["ok"] = json!(true);

@@ -27,6 +27,27 @@ pub enum Command {
     Run(RunArgs),
     /// Send one request to a running bdvmm's control socket and print the reply.
     Ctl(CtlArgs),
+    /// Run the backdoor agent as a process of its own: it receives a
+    /// VMM's guest-RAM memfd and keeps serving it after the VMM dies.
+    Agent(AgentArgs),
+}
+
+/// `bdvmm agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Unix socket on which a `bdvmm run --agent-sock` connects.
+    #[arg(long, value_name = "PATH")]
+    pub vmm_sock: PathBuf,
+    /// Address monitors connect to (e.g. 0.0.0.0:7700).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// Key file: TOML with `read = "<hex>"` and optionally `repair = "<hex>"`.
+    #[arg(long, value_name = "PATH")]
+    pub keys: PathBuf,
+    /// Microseconds the agent spins for a monitor's next request before
+    /// blocking (lower latency for back-to-back reads; 0 never spins).
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub busy_poll_us: u64,
 }
 
 /// `bdvmm ctl`.
@@ -120,6 +141,27 @@ pub struct RunArgs {
     /// or reboot in place with a new backdoor generation.
     #[arg(long, value_enum, default_value = "exit")]
     pub on_reset: crate::vmm::OnReset,
+    /// The VM's name: monitors authenticate against it.
+    #[arg(long, value_name = "NAME", default_value = "guest")]
+    pub name: String,
+    /// Serve the backdoor to monitors from this process, on this address (e.g. 127.0.0.1:7700).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "backdoor_keys",
+        conflicts_with = "agent_sock"
+    )]
+    pub backdoor_listen: Option<String>,
+    /// Key file for --backdoor-listen: TOML with `read = "<hex>"`, optionally `repair = "<hex>"`.
+    #[arg(long, value_name = "PATH", requires = "backdoor_listen")]
+    pub backdoor_keys: Option<PathBuf>,
+    /// Hand guest RAM to a separate `bdvmm agent` listening on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub agent_sock: Option<PathBuf>,
+    /// Microseconds the in-process agent spins for a monitor's next request
+    /// before blocking (0 never spins: no CPU taken from vCPUs).
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub backdoor_busy_poll_us: u64,
 }
 
 impl TryFrom<RunArgs> for VmConfig {
@@ -127,6 +169,7 @@ impl TryFrom<RunArgs> for VmConfig {
 
     fn try_from(a: RunArgs) -> Result<Self, ConfigError> {
         config::validate_mem(a.mem, a.hugepages, config::host_memory_bytes())?;
+        config::validate_name(&a.name)?;
         let vcpus = config::validate_vcpus(a.vcpus)?;
         let guest = match (a.kernel, a.test_guest) {
             (Some(kernel), _) => GuestConfig::Linux {
@@ -151,6 +194,10 @@ impl TryFrom<RunArgs> for VmConfig {
             console_log: a.console_log,
             api_sock: a.api_sock,
             on_reset: a.on_reset,
+            name: a.name,
+            backdoor_listen: a.backdoor_listen.zip(a.backdoor_keys),
+            agent_sock: a.agent_sock,
+            agent_busy_poll: std::time::Duration::from_micros(a.backdoor_busy_poll_us),
         })
     }
 }

@@ -27,6 +27,9 @@ pub enum ConfigError {
     /// Not a multiple of the page size.
     #[error("--mem {size} is not a multiple of {unit}")]
     Unaligned { size: String, unit: &'static str },
+    /// Bad VM name.
+    #[error("--name {0:?} must be 1 to 64 characters from A-Z a-z 0-9 - _ .")]
+    Name(String),
     /// Neither a kernel nor a test guest.
     #[error("nothing to boot: give --kernel or --test-guest")]
     NoGuest,
@@ -73,6 +76,27 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// What a guest reset does.
     pub on_reset: crate::vmm::OnReset,
+    /// The VM's name.
+    pub name: String,
+    /// In-process agent: (listen address, key file).
+    pub backdoor_listen: Option<(String, PathBuf)>,
+    /// Separate agent's Unix socket.
+    pub agent_sock: Option<PathBuf>,
+    /// In-process agent's busy-poll window.
+    pub agent_busy_poll: std::time::Duration,
+}
+
+/// VM names are what monitors authenticate against: short and printable.
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Name(name.to_owned()))
+    }
 }
 
 /// Parses `4096`, `64K`, `512M`, `2G`, `1T` (binary units, optional `iB`/`B`).

@@ -1,6 +1,7 @@
 //! backdoor-vmm's virtual machine monitor: a minimal KVM VMM whose guest
 //! RAM lives in a shareable memfd. See docs/ARCHITECTURE.md.
 
+pub mod agent_process;
 pub mod api;
 pub mod boot;
 pub mod bus;

@@ -20,6 +20,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args).into(),
         Command::Ctl(args) => ctl(args).into(),
+        Command::Agent(args) => agent(args).into(),
+    }
+}
+
+/// The separate agent: waits for one VMM, then serves its guest RAM for
+/// as long as it runs (SIGTERM or SIGKILL ends it).
+fn agent(args: bdvmm::cli::AgentArgs) -> BdvmmExit {
+    match bdvmm::agent_process::run(&args) {
+        Ok(()) => BdvmmExit::Ok,
+        Err(e) => {
+            eprintln!("bdvmm agent: error: {e}");
+            BdvmmExit::Error
+        }
     }
 }
 

@@ -7,6 +7,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use std::net::TcpListener;
+
+use backdoor_agent::auth::Keys;
+use backdoor_agent::vmm_link;
+use backdoor_agent::{Agent, DescriptorSource, GuestMemory, RamRange};
 use backdoor_dev::{BackdoorDevice, BackdoorShared};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -80,6 +85,9 @@ pub enum VmmError {
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The backdoor agent could not start.
+    #[error("backdoor agent: {0}")]
+    Agent(String),
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -110,6 +118,7 @@ pub struct Vmm {
     ram: GuestRam,
     backdoor: Arc<BackdoorShared>,
     vmm_start_ns: u64,
+    agent_addr: Option<String>,
 }
 
 impl Vmm {
@@ -118,13 +127,76 @@ impl Vmm {
         let vmm_start_ns = boot_timer::monotonic_ns();
         let kvm = kvm::open()?;
         let ram = GuestRam::new(config.mem_bytes, config.hugepages)?;
-        Ok(Self {
+        let mut vmm = Self {
             config,
             kvm,
             ram,
             backdoor: BackdoorShared::new(random_generation()),
             vmm_start_ns,
-        })
+            agent_addr: None,
+        };
+        vmm.start_agent()?;
+        Ok(vmm)
+    }
+
+    fn agent_ranges(&self) -> Vec<RamRange> {
+        self.ram
+            .ranges()
+            .iter()
+            .map(|r| RamRange {
+                guest_addr: r.guest_addr,
+                len: r.len,
+                file_offset: r.file_offset,
+            })
+            .collect()
+    }
+
+    /// Serves the backdoor from this process's threads, or hands guest RAM
+    /// to a separate agent, as configured.
+    fn start_agent(&mut self) -> Result<(), VmmError> {
+        let agent_err = |e: &dyn std::fmt::Display| VmmError::Agent(e.to_string());
+        if let Some((addr, keys)) = &self.config.backdoor_listen {
+            let keys = Keys::load(keys).map_err(|e| agent_err(&e))?;
+            let memfd = self
+                .ram
+                .memfd()
+                .try_clone()
+                .map_err(os("duplicate the guest RAM memfd"))?;
+            let mem =
+                Arc::new(GuestMemory::map(memfd, self.agent_ranges()).map_err(|e| agent_err(&e))?);
+            let listener = TcpListener::bind(addr)
+                .map_err(|e| VmmError::Agent(format!("cannot listen on {addr}: {e}")))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| agent_err(&e))?
+                .to_string();
+            let source: Arc<dyn DescriptorSource> = self.backdoor.clone();
+            let agent = Arc::new(
+                Agent::new(self.config.name.clone(), keys, mem, source)
+                    .with_busy_poll(self.config.agent_busy_poll),
+            );
+            agent.serve(listener).map_err(|e| agent_err(&e))?;
+            eprintln!(
+                "bdvmm: backdoor agent for {} listening on {bound}",
+                self.config.name
+            );
+            self.agent_addr = Some(bound);
+        }
+        if let Some(path) = &self.config.agent_sock {
+            let hello = vmm_link::Hello {
+                vm: self.config.name.clone(),
+                ranges: self.agent_ranges(),
+                descriptor: self.backdoor.snapshot(),
+            };
+            vmm_link::connect_and_publish(path, self.ram.memfd(), &hello, self.backdoor.clone())
+                .map_err(|e| {
+                    VmmError::Agent(format!(
+                        "cannot hand guest RAM to the agent at {}: {e}",
+                        path.display()
+                    ))
+                })?;
+        }
+        Ok(())
     }
 
     /// Guest RAM (and its memfd), for components that serve it.
@@ -274,6 +346,7 @@ impl Machine {
             boot_timer_ns,
             backdoor: vmm.backdoor.clone(),
             boots,
+            agent_addr: vmm.agent_addr.clone(),
         });
         Ok(Self {
             vcpu_fds,

@@ -1,0 +1,206 @@
+//! Pre-shared keys per role and the mutual HMAC-SHA256 challenge-response.
+//!
+//! Both sides send a fresh nonce; the agent proves it holds the role's key
+//! before the monitor does (so a monitor cannot be fed a fake "healthy"
+//! guest by an impostor), then the monitor proves it. Keys never cross
+//! the wire.
+
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::wire::{Role, NONCE_LEN};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Shortest key accepted, in bytes.
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// Errors loading keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file cannot be read.
+    #[error("cannot read key file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Not valid TOML of the expected shape.
+    #[error("key file {path} is invalid: {detail}")]
+    Invalid { path: String, detail: String },
+}
+
+/// The keys of one VM. `read` is required; without `repair` nobody may write.
+#[derive(Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keys {
+    read: String,
+    repair: Option<String>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("repair", &self.repair.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// Parses a key file: TOML with `read = "<hex>"` and optionally
+    /// `repair = "<hex>"`, each at least 16 bytes (32 hex digits).
+    pub fn parse(text: &str, path: &str) -> Result<Self, KeyError> {
+        let invalid = |detail: String| KeyError::Invalid {
+            path: path.to_owned(),
+            detail,
+        };
+        let keys: Keys = toml::from_str(text).map_err(|e| invalid(e.message().to_owned()))?;
+        for (role, key) in [("read", Some(&keys.read)), ("repair", keys.repair.as_ref())] {
+            if let Some(k) = key {
+                let bytes =
+                    decode_hex(k).ok_or_else(|| invalid(format!("the {role} key is not hex")))?;
+                if bytes.len() < MIN_KEY_BYTES {
+                    return Err(invalid(format!(
+                        "the {role} key has {} bytes; at least {MIN_KEY_BYTES} are needed",
+                        bytes.len()
+                    )));
+                }
+            }
+        }
+        if keys.repair.as_deref() == Some(keys.read.as_str()) {
+            return Err(invalid("the read and repair keys must differ".into()));
+        }
+        Ok(keys)
+    }
+
+    /// Loads a key file.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// The key for `role`, if that role is enabled.
+    pub fn key(&self, role: Role) -> Option<Vec<u8>> {
+        match role {
+            Role::Read => decode_hex(&self.read),
+            Role::Repair => self.repair.as_deref().and_then(decode_hex),
+        }
+    }
+}
+
+/// Decodes hex (either case); `None` if malformed.
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn mac(key: &[u8], label: &[u8], first: &[u8], second: &[u8], role: Role, vm: &str) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(label);
+    m.update(first);
+    m.update(second);
+    m.update(&[role as u8]);
+    m.update(vm.as_bytes());
+    m
+}
+
+/// The agent's proof over both nonces.
+pub fn agent_proof(
+    key: &[u8],
+    client: &[u8; NONCE_LEN],
+    server: &[u8; NONCE_LEN],
+    role: Role,
+    vm: &str,
+) -> [u8; NONCE_LEN] {
+    mac(key, b"bd-agent-v1", client, server, role, vm)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// The monitor's proof over both nonces (different label and order).
+pub fn monitor_proof(
+    key: &[u8],
+    client: &[u8; NONCE_LEN],
+    server: &[u8; NONCE_LEN],
+    role: Role,
+    vm: &str,
+) -> [u8; NONCE_LEN] {
+    mac(key, b"bd-monitor-v1", server, client, role, vm)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Constant-time comparison of a received proof.
+pub fn proofs_equal(a: &[u8; NONCE_LEN], b: &[u8; NONCE_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Fresh random bytes from the kernel.
+pub fn nonce() -> [u8; NONCE_LEN] {
+    let mut b = [0u8; NONCE_LEN];
+    let mut filled = 0;
+    while filled < b.len() {
+        // SAFETY: getrandom writes at most the remaining length into our buffer.
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
+        if n > 0 {
+            filled += n.unsigned_abs();
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "read = \"00112233445566778899aabbccddeeff\"\nrepair = \"ffeeddccbbaa99887766554433221100\"\n";
+
+    #[test]
+    fn key_files_are_validated() {
+        let k = Keys::parse(GOOD, "k").unwrap();
+        assert_eq!(k.key(Role::Read).unwrap().len(), 16);
+        assert!(k.key(Role::Repair).is_some());
+        let read_only = Keys::parse("read = \"00112233445566778899aabbccddeeff\"", "k").unwrap();
+        assert!(read_only.key(Role::Repair).is_none());
+        for bad in ["", "read = \"abc\"", "read = \"0011\"", "read = \"zz112233445566778899aabbccddeeff\"", "reed = \"00112233445566778899aabbccddeeff\"", "read = \"00112233445566778899aabbccddeeff\"\nrepair = \"00112233445566778899aabbccddeeff\""] {
+            assert!(Keys::parse(bad, "k").is_err(), "{bad:?}");
+        }
+        assert!(
+            !format!("{k:?}").contains("0011"),
+            "Debug never prints keys"
+        );
+    }
+
+    #[test]
+    fn proofs_bind_key_nonces_role_and_vm() {
+        let (c, s) = ([1u8; 32], [2u8; 32]);
+        let p = monitor_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm1");
+        assert!(proofs_equal(
+            &p,
+            &monitor_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm1")
+        ));
+        for other in [
+            monitor_proof(b"key-two-16-bytes", &c, &s, Role::Read, "vm1"),
+            monitor_proof(b"key-one-16-bytes", &s, &c, Role::Read, "vm1"),
+            monitor_proof(b"key-one-16-bytes", &c, &s, Role::Repair, "vm1"),
+            monitor_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm2"),
+            agent_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm1"),
+        ] {
+            assert!(!proofs_equal(&p, &other));
+        }
+        assert_ne!(nonce(), nonce());
+    }
+}

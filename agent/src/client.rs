@@ -1,0 +1,401 @@
+//! The monitor side of the protocol: connect, authenticate (checking the
+//! agent's proof first), then one-sided operations on hooks by id.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::auth;
+use crate::descriptor::PublicDescriptor;
+use crate::wire::{read_msg, write_msg, BatchEntry, ErrorCode, Msg, Role, WireError};
+
+/// Errors seen by a monitor.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Network or framing trouble: the backdoor cannot be read right now.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The agent refused the request.
+    #[error("refused ({code:?}): {message}")]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The agent's sentence.
+        message: String,
+    },
+    /// The agent could not prove it holds the key: it is not the real agent.
+    #[error("the agent failed to prove it knows the key: not trusting it")]
+    AgentNotAuthentic,
+    /// The agent answered with something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The refusal code, if the agent refused.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether this means "the backdoor could not be reached" (as opposed to a refusal).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Wire(_))
+    }
+}
+
+/// An authenticated connection to an agent.
+#[derive(Debug)]
+pub struct Client {
+    r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+    next_id: u32,
+    descriptor: PublicDescriptor,
+    busy_poll: Duration,
+}
+
+/// Default time a client spins for a reply before blocking (its own CPU).
+pub const DEFAULT_CLIENT_BUSY_POLL: Duration = Duration::from_micros(200);
+
+impl Client {
+    /// Connects and authenticates as `role` of `vm` with `key`. `timeout`
+    /// bounds the connect and every later reply.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        vm: &str,
+        role: Role,
+        key: &[u8],
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let mut last = None;
+        let mut stream = None;
+        for a in addr.to_socket_addrs().map_err(WireError::Io)? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            WireError::Io(last.unwrap_or_else(|| std::io::Error::other("no address")))
+        })?;
+        stream.set_nodelay(true).map_err(WireError::Io)?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(WireError::Io)?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(WireError::Io)?;
+        let mut r = BufReader::new(stream.try_clone().map_err(WireError::Io)?);
+        let mut w = BufWriter::new(stream);
+
+        let client_nonce = auth::nonce();
+        write_msg(
+            &mut w,
+            0,
+            &Msg::Hello {
+                vm: vm.to_owned(),
+                role,
+                client_nonce,
+            },
+        )?;
+        w.flush().map_err(WireError::Io)?;
+        let (_, challenge) = read_msg(&mut r)?;
+        let (server_nonce, server_proof) = match challenge {
+            Msg::Challenge {
+                server_nonce,
+                server_proof,
+            } => (server_nonce, server_proof),
+            Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected CHALLENGE, got {other:?}"
+                )))
+            }
+        };
+        if !auth::proofs_equal(
+            &server_proof,
+            &auth::agent_proof(key, &client_nonce, &server_nonce, role, vm),
+        ) {
+            return Err(ClientError::AgentNotAuthentic);
+        }
+        let mac = auth::monitor_proof(key, &client_nonce, &server_nonce, role, vm);
+        write_msg(&mut w, 0, &Msg::Auth { mac })?;
+        w.flush().map_err(WireError::Io)?;
+        let descriptor = match read_msg(&mut r)?.1 {
+            Msg::Welcome(json) => parse_descriptor(&json)?,
+            Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected WELCOME, got {other:?}"
+                )))
+            }
+        };
+        Ok(Self {
+            r,
+            w,
+            next_id: 1,
+            descriptor,
+            busy_poll: DEFAULT_CLIENT_BUSY_POLL,
+        })
+    }
+
+    /// How long to spin for each reply before blocking (0 disables).
+    pub fn set_busy_poll(&mut self, window: Duration) {
+        self.busy_poll = window;
+    }
+
+    /// The descriptor as of the last WELCOME/DESCRIBE.
+    pub fn descriptor(&self) -> &PublicDescriptor {
+        &self.descriptor
+    }
+
+    fn call(&mut self, msg: &Msg) -> Result<Msg, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        write_msg(&mut self.w, id, msg)?;
+        self.w.flush().map_err(WireError::Io)?;
+        if self.r.buffer().is_empty() {
+            crate::wire::spin_until_readable(
+                std::os::fd::AsRawFd::as_raw_fd(self.r.get_ref()),
+                self.busy_poll,
+            );
+        }
+        let (rid, reply) = read_msg(&mut self.r)?;
+        if let Msg::Error { code, message } = reply {
+            return Err(ClientError::Refused { code, message });
+        }
+        if rid != id {
+            return Err(ClientError::Protocol(format!(
+                "reply {rid} to request {id}"
+            )));
+        }
+        Ok(reply)
+    }
+
+    /// Fetches the current descriptor (new generation after a reboot, tamper count).
+    pub fn describe(&mut self) -> Result<&PublicDescriptor, ClientError> {
+        match self.call(&Msg::Describe)? {
+            Msg::Descriptor(json) => {
+                self.descriptor = parse_descriptor(&json)?;
+                Ok(&self.descriptor)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of hook `hook`.
+    pub fn read(&mut self, hook: u32, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        let generation = self.descriptor.generation;
+        match self.call(&Msg::Read {
+            generation,
+            hook,
+            offset,
+            len,
+        })? {
+            Msg::ReadOk(b) if b.len() == len as usize => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads `len` bytes of a hook with up to `depth` READs of at most
+    /// `chunk` bytes in flight, calling `sink` with each chunk in order.
+    /// Used for bulk extraction of large state boxes.
+    pub fn read_bulk(
+        &mut self,
+        hook: u32,
+        offset: u64,
+        len: u64,
+        chunk: u32,
+        depth: usize,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
+        let generation = self.descriptor.generation;
+        let chunk = u64::from(chunk.clamp(1, crate::wire::MAX_READ));
+        let mut next = 0u64; // bytes requested so far
+        let mut done = 0u64; // bytes received so far
+        let mut in_flight = std::collections::VecDeque::new();
+        while done < len {
+            while next < len && in_flight.len() < depth.max(1) {
+                let n = (len - next).min(chunk);
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1);
+                let req = Msg::Read {
+                    generation,
+                    hook,
+                    offset: offset + next,
+                    len: u32::try_from(n).unwrap_or(u32::MAX),
+                };
+                write_msg(&mut self.w, id, &req)?;
+                in_flight.push_back((id, n));
+                next += n;
+            }
+            self.w.flush().map_err(WireError::Io)?;
+            let Some((id, n)) = in_flight.pop_front() else {
+                break;
+            };
+            let (rid, reply) = read_msg(&mut self.r)?;
+            match reply {
+                Msg::ReadOk(b) if rid == id && b.len() as u64 == n => sink(&b),
+                Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
+                other => return Err(unexpected(other)),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads many ranges in one round trip; returns their bytes in order.
+    pub fn read_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<Vec<u8>>, ClientError> {
+        let generation = self.descriptor.generation;
+        let bytes = match self.call(&Msg::ReadBatch {
+            generation,
+            entries: entries.to_vec(),
+        })? {
+            Msg::ReadBatchOk(b) => b,
+            other => return Err(unexpected(other)),
+        };
+        let total: usize = entries.iter().map(|e| e.len as usize).sum();
+        if bytes.len() != total {
+            return Err(ClientError::Protocol(format!(
+                "batch reply of {} bytes, expected {total}",
+                bytes.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        let mut at = 0;
+        for e in entries {
+            out.push(bytes[at..at + e.len as usize].to_vec());
+            at += e.len as usize;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset` of a REPAIR hook (repair role only).
+    pub fn write(&mut self, hook: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        let generation = self.descriptor.generation;
+        match self.call(&Msg::Write {
+            generation,
+            hook,
+            offset,
+            data: data.to_vec(),
+        })? {
+            Msg::WriteOk => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Compare-and-swap; returns the word's previous value.
+    pub fn cas(
+        &mut self,
+        hook: u32,
+        offset: u64,
+        expected: u64,
+        new: u64,
+    ) -> Result<u64, ClientError> {
+        let generation = self.descriptor.generation;
+        match self.call(&Msg::Cas {
+            generation,
+            hook,
+            offset,
+            expected,
+            new,
+        })? {
+            Msg::AtomicOk(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Fetch-and-add; returns the word's previous value.
+    pub fn faa(&mut self, hook: u32, offset: u64, add: u64) -> Result<u64, ClientError> {
+        let generation = self.descriptor.generation;
+        match self.call(&Msg::Faa {
+            generation,
+            hook,
+            offset,
+            add,
+        })? {
+            Msg::AtomicOk(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a raw message and returns the raw reply (for tools and tests of the agent's checks).
+    pub fn raw(&mut self, msg: &Msg) -> Result<Msg, ClientError> {
+        self.call(msg)
+    }
+}
+
+fn parse_descriptor(json: &[u8]) -> Result<PublicDescriptor, ClientError> {
+    serde_json::from_slice(json).map_err(|e| ClientError::Protocol(format!("bad descriptor: {e}")))
+}
+
+fn unexpected(m: Msg) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {m:?}"))
+}
+
+/// A state-box slot read through the agent, for the lock-free record
+/// reader: `seq` is one atomic 8-byte READ, the slot one READ.
+#[derive(Debug)]
+pub struct RemoteSlot<'a> {
+    client: std::cell::RefCell<&'a mut Client>,
+    hook: u32,
+    offset: u64,
+    size: u32,
+    error: std::cell::RefCell<Option<ClientError>>,
+}
+
+impl<'a> RemoteSlot<'a> {
+    /// Slot of `size` bytes at `offset` in state-box hook `hook`.
+    pub fn new(client: &'a mut Client, hook: u32, offset: u64, size: u32) -> Self {
+        Self {
+            client: std::cell::RefCell::new(client),
+            hook,
+            offset,
+            size,
+            error: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// The first error met while reading, if any: then the outcome says
+    /// "torn", but the truth is that the backdoor could not be read.
+    pub fn take_error(&self) -> Option<ClientError> {
+        self.error.borrow_mut().take()
+    }
+
+    fn note(&self, e: ClientError) {
+        self.error.borrow_mut().get_or_insert(e);
+    }
+}
+
+impl backdoor_abi::record::SlotSource for RemoteSlot<'_> {
+    fn slot_size(&self) -> usize {
+        self.size as usize
+    }
+
+    fn load_seq(&self) -> u64 {
+        match self.client.borrow_mut().read(self.hook, self.offset, 8) {
+            Ok(b) => u64::from_le_bytes(b.try_into().unwrap_or([0xff; 8])),
+            Err(e) => {
+                self.note(e);
+                1 // odd: never accepted
+            }
+        }
+    }
+
+    fn copy_slot(&self, buf: &mut [u8]) {
+        match self
+            .client
+            .borrow_mut()
+            .read(self.hook, self.offset, self.size)
+        {
+            Ok(b) if b.len() == buf.len() => buf.copy_from_slice(&b),
+            Ok(_) => self.note(ClientError::Protocol("short slot read".into())),
+            Err(e) => self.note(e),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! What the agent tells an authenticated monitor about the guest: the
+//! public descriptor (no guest addresses), and where the agent gets the
+//! hook table from (the VMM's live table, or the last one a VMM pushed).
+
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use backdoor_dev::{BackdoorShared, Descriptor};
+use serde::{Deserialize, Serialize};
+
+use crate::wire::Role;
+
+/// A hook as monitors see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicHook {
+    /// Hook id.
+    pub id: u32,
+    /// `progress_box`, `state_box` or `repair`.
+    pub kind: String,
+    /// The guest's name for it.
+    pub name: String,
+    /// Bytes.
+    pub len: u64,
+    /// `PERM_*` bits.
+    pub perms: u32,
+}
+
+/// The descriptor sent at WELCOME and on DESCRIBE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicDescriptor {
+    /// The VM's name.
+    pub vm: String,
+    /// Changes on every guest reset.
+    pub generation: u32,
+    /// Whether the guest sealed its hooks.
+    pub sealed: bool,
+    /// Commands the device refused after the seal.
+    pub tamper_count: u32,
+    /// The role this connection has.
+    pub role: Role,
+    /// Backends this agent offers (`soft`, and `verbs` where a device exists).
+    pub backends: Vec<String>,
+    /// The hooks.
+    pub hooks: Vec<PublicHook>,
+    /// Whether the VMM is still connected (false once a separate agent outlives it).
+    pub vmm_alive: bool,
+}
+
+impl PublicDescriptor {
+    /// The public view of `d`.
+    pub fn new(
+        vm: &str,
+        d: &Descriptor,
+        role: Role,
+        backends: Vec<String>,
+        vmm_alive: bool,
+    ) -> Self {
+        Self {
+            vm: vm.to_owned(),
+            generation: d.generation,
+            sealed: d.sealed,
+            tamper_count: d.tamper_count,
+            role,
+            backends,
+            hooks: d
+                .hooks
+                .iter()
+                .map(|h| PublicHook {
+                    id: h.id,
+                    kind: h.kind.name().to_owned(),
+                    name: h.name.clone(),
+                    len: h.len,
+                    perms: h.perms,
+                })
+                .collect(),
+            vmm_alive,
+        }
+    }
+
+    /// The hook called `name`.
+    pub fn hook(&self, name: &str) -> Option<&PublicHook> {
+        self.hooks.iter().find(|h| h.name == name)
+    }
+}
+
+/// Where the agent reads the current hook table.
+pub trait DescriptorSource: Send + Sync {
+    /// The current table.
+    fn descriptor(&self) -> Descriptor;
+    /// Whether the VMM that owns the guest is still there.
+    fn vmm_alive(&self) -> bool;
+}
+
+/// In-process agent: the VMM's live table.
+impl DescriptorSource for BackdoorShared {
+    fn descriptor(&self) -> Descriptor {
+        self.snapshot()
+    }
+    fn vmm_alive(&self) -> bool {
+        true
+    }
+}
+
+/// Separate agent: the last table the VMM pushed, kept after it dies.
+#[derive(Debug)]
+pub struct PushedDescriptor {
+    state: Mutex<(Descriptor, bool)>,
+    changed: Condvar,
+}
+
+impl PushedDescriptor {
+    /// Starts with `d`, VMM connected.
+    pub fn new(d: Descriptor) -> Self {
+        Self {
+            state: Mutex::new((d, true)),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// A newer table from the VMM.
+    pub fn update(&self, d: Descriptor) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = d;
+        self.changed.notify_all();
+    }
+
+    /// The VMM went away; the last table stays in force.
+    pub fn vmm_gone(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for the table to reach `generation`, for tests and tools.
+    pub fn wait_generation(&self, generation: u32, timeout: Duration) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.0.generation != generation)
+            .unwrap_or_else(|p| p.into_inner());
+        s.0.generation == generation
+    }
+}
+
+impl DescriptorSource for PushedDescriptor {
+    fn descriptor(&self) -> Descriptor {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+    fn vmm_alive(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+}

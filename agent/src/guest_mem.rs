@@ -1,0 +1,269 @@
+//! The agent's own shared mapping of guest RAM (the VMM's memfd), and
+//! one-sided access to it: reads copy with aligned 8-byte atomic loads, so
+//! a counter is never torn; atomics are real atomics on the guest's words.
+//! No vCPU is involved in any of it.
+
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use serde::{Deserialize, Serialize};
+
+/// One contiguous range of guest RAM and where it lives in the memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRange {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Offset in the memfd.
+    pub file_offset: u64,
+}
+
+/// Errors mapping guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// A range lies outside the memfd.
+    #[error("RAM range at {guest_addr:#x} (+{len:#x}) lies outside the {file_len}-byte memfd")]
+    Range {
+        guest_addr: u64,
+        len: u64,
+        file_len: u64,
+    },
+    /// mmap failed.
+    #[error("cannot map guest RAM: {0}")]
+    Mmap(#[from] nix::Error),
+    /// fstat failed.
+    #[error("cannot inspect the guest RAM memfd: {0}")]
+    Stat(std::io::Error),
+}
+
+/// Guest RAM mapped `MAP_SHARED` from the VMM's memfd.
+#[derive(Debug)]
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    len: usize,
+    ranges: Vec<RamRange>,
+    _memfd: File,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; the
+// pointer is valid for the lifetime of the struct on every thread.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps the whole memfd and checks every range lies inside it.
+    pub fn map(memfd: File, ranges: Vec<RamRange>) -> Result<Self, MapError> {
+        let file_len = memfd.metadata().map_err(MapError::Stat)?.len();
+        for r in &ranges {
+            if r.file_offset
+                .checked_add(r.len)
+                .is_none_or(|end| end > file_len)
+            {
+                return Err(MapError::Range {
+                    guest_addr: r.guest_addr,
+                    len: r.len,
+                    file_len,
+                });
+            }
+        }
+        let len = usize::try_from(file_len).map_err(|_| MapError::Range {
+            guest_addr: 0,
+            len: file_len,
+            file_len,
+        })?;
+        let nz = NonZeroUsize::new(len).ok_or(MapError::Range {
+            guest_addr: 0,
+            len: 0,
+            file_len,
+        })?;
+        // SAFETY: a fresh shared mapping of a file we own; nothing else in
+        // this process aliases it as a Rust reference.
+        let base = unsafe {
+            mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                memfd.as_fd(),
+                0,
+            )?
+        };
+        Ok(Self {
+            base: base.cast(),
+            len,
+            ranges,
+            _memfd: memfd,
+        })
+    }
+
+    /// The host address of `[gpa, gpa + len)` if it lies inside one RAM range.
+    pub fn host_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let end = gpa.checked_add(len)?;
+        let r = self
+            .ranges
+            .iter()
+            .find(|r| gpa >= r.guest_addr && end <= r.guest_addr + r.len)?;
+        let off = usize::try_from(r.file_offset + (gpa - r.guest_addr)).ok()?;
+        (off + usize::try_from(len).ok()? <= self.len).then(|| {
+            // SAFETY: off + len is inside the mapping (checked above).
+            unsafe { self.base.as_ptr().add(off) }
+        })
+    }
+
+    /// Copies guest bytes at `gpa` into `buf`; every aligned 8-byte word is
+    /// one atomic load. False if the range is not in RAM.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let Some(p) = self.host_ptr(gpa, buf.len() as u64) else {
+            return false;
+        };
+        let mut i = 0;
+        while i < buf.len() {
+            let addr = p as usize + i;
+            if addr % 8 == 0 && buf.len() - i >= 8 {
+                // SAFETY: in bounds and 8-aligned; shared memory is accessed atomically.
+                let w = unsafe { &*(addr as *const AtomicU64) }.load(Ordering::Acquire);
+                buf[i..i + 8].copy_from_slice(&w.to_le_bytes());
+                i += 8;
+            } else {
+                // SAFETY: in bounds; byte atomics have no alignment needs.
+                buf[i] = unsafe { &*(addr as *const AtomicU8) }.load(Ordering::Acquire);
+                i += 1;
+            }
+        }
+        true
+    }
+
+    /// Writes `data` at `gpa` (aligned words as single atomic stores).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> bool {
+        let Some(p) = self.host_ptr(gpa, data.len() as u64) else {
+            return false;
+        };
+        let mut i = 0;
+        while i < data.len() {
+            let addr = p as usize + i;
+            if addr % 8 == 0 && data.len() - i >= 8 {
+                let w = u64::from_le_bytes(data[i..i + 8].try_into().expect("8 bytes"));
+                // SAFETY: in bounds and 8-aligned.
+                unsafe { &*(addr as *const AtomicU64) }.store(w, Ordering::Release);
+                i += 8;
+            } else {
+                // SAFETY: in bounds.
+                unsafe { &*(addr as *const AtomicU8) }.store(data[i], Ordering::Release);
+                i += 1;
+            }
+        }
+        true
+    }
+
+    fn word(&self, gpa: u64) -> Option<&AtomicU64> {
+        if gpa % 8 != 0 {
+            return None;
+        }
+        let p = self.host_ptr(gpa, 8)?;
+        // SAFETY: in bounds, 8-aligned (the mapping is page-aligned), shared memory.
+        Some(unsafe { &*(p as *const AtomicU64) })
+    }
+
+    /// Compare-and-swap of the aligned word at `gpa`; returns the old value.
+    pub fn cas(&self, gpa: u64, expected: u64, new: u64) -> Option<u64> {
+        let w = self.word(gpa)?;
+        Some(
+            match w.compare_exchange(expected, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            },
+        )
+    }
+
+    /// Fetch-and-add of the aligned word at `gpa`; returns the old value.
+    pub fn faa(&self, gpa: u64, add: u64) -> Option<u64> {
+        Some(self.word(gpa)?.fetch_add(add, Ordering::SeqCst))
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: base/len are exactly what mmap returned; no references outlive self.
+        let _ = unsafe { munmap(self.base.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// A memfd-backed "guest" of `len` bytes with one RAM range at `gpa`.
+    pub(crate) fn fake_ram(gpa: u64, len: u64) -> (File, GuestMemory) {
+        let fd = nix::sys::memfd::memfd_create(
+            c"test-ram",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let mut f = File::from(fd);
+        f.set_len(len).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(b"hello").unwrap();
+        let m = GuestMemory::map(
+            f.try_clone().unwrap(),
+            vec![RamRange {
+                guest_addr: gpa,
+                len,
+                file_offset: 0,
+            }],
+        )
+        .unwrap();
+        (f, m)
+    }
+
+    #[test]
+    fn reads_and_writes_see_the_same_bytes_as_the_file() {
+        let (f, m) = fake_ram(0x10_0000, 1 << 20);
+        let mut buf = [0u8; 5];
+        assert!(m.read(0x10_0000, &mut buf));
+        assert_eq!(&buf, b"hello");
+        assert!(m.write(0x10_0003, b"p!xyz12345"));
+        let mut back = [0u8; 13];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back, b"help!xyz12345");
+        assert!(!m.read(0x0f_ffff, &mut buf), "below RAM");
+        assert!(!m.read(0x20_0000 - 2, &mut buf), "crosses the end");
+        assert!(!m.read(u64::MAX - 2, &mut buf), "overflow");
+    }
+
+    #[test]
+    fn atomics_need_aligned_words() {
+        let (_f, m) = fake_ram(0, 4096);
+        assert_eq!(m.faa(8, 5), Some(0));
+        assert_eq!(m.cas(8, 5, 9), Some(5));
+        assert_eq!(
+            m.cas(8, 5, 1),
+            Some(9),
+            "failed CAS returns the current value"
+        );
+        assert_eq!(m.faa(12, 1), None);
+        assert_eq!(m.faa(4096, 1), None);
+    }
+
+    #[test]
+    fn ranges_outside_the_memfd_are_refused() {
+        let (f, _) = fake_ram(0, 4096);
+        let err = GuestMemory::map(
+            f,
+            vec![RamRange {
+                guest_addr: 0,
+                len: 8192,
+                file_offset: 0,
+            }],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("outside"));
+    }
+}

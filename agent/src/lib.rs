@@ -1,0 +1,19 @@
+//! The backdoor agent: it plays the RDMA NIC's part, serving one-sided
+//! remote access to a guest's sealed hooks with no guest CPU at all.
+//! It runs inside bdvmm on its own threads, or as a separate process that
+//! holds the guest-RAM memfd and outlives the VMM (`vmm_link`).
+
+pub mod access;
+pub mod auth;
+pub mod client;
+pub mod descriptor;
+pub mod guest_mem;
+pub mod server;
+pub mod vmm_link;
+pub mod wire;
+
+pub use client::{Client, ClientError, RemoteSlot};
+pub use descriptor::{DescriptorSource, PublicDescriptor, PushedDescriptor};
+pub use guest_mem::{GuestMemory, RamRange};
+pub use server::Agent;
+pub use wire::{ErrorCode, Role};

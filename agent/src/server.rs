@@ -1,0 +1,389 @@
+//! The agent's TCP server: authenticates monitors and serves the soft
+//! backend's one-sided operations (and hands out RDMA endpoints when the
+//! verbs backend is available). One thread per connection, a bounded
+//! number of connections; a bad request gets an error reply or a closed
+//! connection and a log line, and never affects the guest or other monitors.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::access::{authorize, Op, Refusal};
+use crate::auth::{self, Keys};
+use crate::descriptor::{DescriptorSource, PublicDescriptor};
+use crate::guest_mem::GuestMemory;
+use crate::wire::{
+    read_msg, spin_until_readable, write_msg, ErrorCode, Msg, Role, WireError, MAX_READ,
+};
+
+/// How long a monitor has to finish authenticating.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on concurrent monitors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default busy-poll window after each reply (see [`Agent::with_busy_poll`]).
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+
+/// The RDMA side of the agent, when a device exists (see `verbs.rs`).
+pub trait VerbsService: Send + Sync {
+    /// Sets up an RC queue pair for an authenticated monitor and returns
+    /// the agent's endpoint and the monitor's regions, as JSON.
+    fn connect(
+        &self,
+        role: Role,
+        desc: &backdoor_dev::Descriptor,
+        client_endpoint: &[u8],
+    ) -> Result<Vec<u8>, Refusal>;
+}
+
+/// Everything a connection needs.
+pub struct Agent {
+    vm: String,
+    keys: Keys,
+    mem: Arc<GuestMemory>,
+    source: Arc<dyn DescriptorSource>,
+    verbs: Option<Arc<dyn VerbsService>>,
+    max_connections: usize,
+    connections: AtomicUsize,
+    busy_poll: Duration,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("vm", &self.vm)
+            .field("connections", &self.connections.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// An agent for `vm` serving `mem` within the hooks `source` publishes.
+    pub fn new(
+        vm: String,
+        keys: Keys,
+        mem: Arc<GuestMemory>,
+        source: Arc<dyn DescriptorSource>,
+    ) -> Self {
+        Self {
+            vm,
+            keys,
+            mem,
+            source,
+            verbs: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connections: AtomicUsize::new(0),
+            busy_poll: DEFAULT_BUSY_POLL,
+        }
+    }
+
+    /// After each reply, spin up to `window` for the monitor's next request
+    /// before blocking (0 disables). Saves a thread wake-up per request in
+    /// back-to-back chains; costs at most `window` of host CPU per burst.
+    pub fn with_busy_poll(mut self, window: Duration) -> Self {
+        self.busy_poll = window;
+        self
+    }
+
+    /// Offers RDMA verbs too.
+    pub fn with_verbs(mut self, verbs: Arc<dyn VerbsService>) -> Self {
+        self.verbs = Some(verbs);
+        self
+    }
+
+    /// Bounds concurrent monitors.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    fn backends(&self) -> Vec<String> {
+        let mut b = vec!["soft".to_owned()];
+        if self.verbs.is_some() {
+            b.push("verbs".to_owned());
+        }
+        b
+    }
+
+    /// Accepts monitors on `listener` on a thread of its own.
+    pub fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("bd-agent".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    match stream {
+                        Ok(s) => self.clone().spawn_connection(s),
+                        Err(e) => tracing::warn!("agent: accept failed: {e}"),
+                    }
+                }
+            })
+    }
+
+    fn spawn_connection(self: Arc<Self>, stream: TcpStream) {
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "agent: refusing a monitor beyond {} connections", self.max_connections);
+            let mut s = stream;
+            let _ = write_msg(
+                &mut s,
+                0,
+                &error(ErrorCode::Busy, "too many monitors connected".into()),
+            );
+            return;
+        }
+        let agent = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("bd-monitor".into())
+            .spawn(move || {
+                match agent.handle(stream) {
+                    Ok(()) => tracing::debug!(%peer, "agent: monitor left"),
+                    Err(e) => tracing::info!(%peer, "agent: connection closed: {e}"),
+                }
+                agent.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn handle(&self, stream: TcpStream) -> Result<(), WireError> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let peer: Option<SocketAddr> = stream.peer_addr().ok();
+        let mut r = BufReader::new(stream.try_clone()?);
+        let mut w = BufWriter::new(stream.try_clone()?);
+        let Some(role) = self.authenticate(&mut r, &mut w, peer)? else {
+            return Ok(());
+        };
+        stream.set_read_timeout(None)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        loop {
+            if r.buffer().is_empty() {
+                spin_until_readable(fd, self.busy_poll);
+            }
+            let (id, msg) = match read_msg(&mut r) {
+                Ok(m) => m,
+                Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(e @ (WireError::Malformed(_) | WireError::TooLarge(_))) => {
+                    tracing::warn!(?peer, "agent: malformed request, closing: {e}");
+                    let _ = write_msg(&mut w, 0, &error(ErrorCode::BadRequest, e.to_string()));
+                    let _ = w.flush();
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let reply = self.dispatch(role, msg).unwrap_or_else(|(code, message)| {
+                tracing::warn!(
+                    ?peer,
+                    role = role.name(),
+                    ?code,
+                    "agent: refused: {message}"
+                );
+                error(code, message)
+            });
+            write_msg(&mut w, id, &reply)?;
+            w.flush()?;
+        }
+    }
+
+    /// HELLO → CHALLENGE → AUTH → WELCOME. Returns the role, or None if refused.
+    fn authenticate(
+        &self,
+        r: &mut impl std::io::Read,
+        w: &mut BufWriter<TcpStream>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<Role>, WireError> {
+        let (_, hello) = read_msg(r)?;
+        let Msg::Hello {
+            vm,
+            role,
+            client_nonce,
+        } = hello
+        else {
+            write_msg(w, 0, &error(ErrorCode::BadRequest, "expected HELLO".into()))?;
+            w.flush()?;
+            return Ok(None);
+        };
+        // An unknown VM or a disabled role still gets a challenge (with a
+        // proof under a random key), so a prober learns nothing before AUTH.
+        let key = if vm == self.vm {
+            self.keys.key(role)
+        } else {
+            None
+        };
+        let known = key.is_some();
+        let key = key.unwrap_or_else(|| auth::nonce().to_vec());
+        let server_nonce = auth::nonce();
+        let server_proof = auth::agent_proof(&key, &client_nonce, &server_nonce, role, &vm);
+        write_msg(
+            w,
+            0,
+            &Msg::Challenge {
+                server_nonce,
+                server_proof,
+            },
+        )?;
+        w.flush()?;
+        let (_, reply) = read_msg(r)?;
+        let ok = match reply {
+            Msg::Auth { mac } => {
+                known
+                    && auth::proofs_equal(
+                        &mac,
+                        &auth::monitor_proof(&key, &client_nonce, &server_nonce, role, &vm),
+                    )
+            }
+            _ => false,
+        };
+        if !ok {
+            tracing::warn!(?peer, vm = %vm, role = role.name(), "agent: authentication failed");
+            write_msg(
+                w,
+                0,
+                &error(ErrorCode::AuthFailed, "authentication failed".into()),
+            )?;
+            w.flush()?;
+            return Ok(None);
+        }
+        tracing::info!(?peer, role = role.name(), "agent: monitor authenticated");
+        write_msg(w, 0, &Msg::Welcome(self.public_descriptor(role)))?;
+        w.flush()?;
+        Ok(Some(role))
+    }
+
+    fn public_descriptor(&self, role: Role) -> Vec<u8> {
+        let d = self.source.descriptor();
+        let public =
+            PublicDescriptor::new(&self.vm, &d, role, self.backends(), self.source.vmm_alive());
+        serde_json::to_vec(&public).unwrap_or_default()
+    }
+
+    fn dispatch(&self, role: Role, msg: Msg) -> Result<Msg, Refusal> {
+        let internal = |what: &str| {
+            (
+                ErrorCode::Internal,
+                format!("{what} failed inside guest RAM bounds"),
+            )
+        };
+        match msg {
+            Msg::Describe => Ok(Msg::Descriptor(self.public_descriptor(role))),
+            Msg::Read {
+                generation,
+                hook,
+                offset,
+                len,
+            } => {
+                let d = self.source.descriptor();
+                let gpa = authorize(&d, role, generation, hook, offset, u64::from(len), Op::Read)?;
+                let mut buf = vec![0u8; len as usize];
+                if !self.mem.read(gpa, &mut buf) {
+                    return Err(internal("read"));
+                }
+                Ok(Msg::ReadOk(buf))
+            }
+            Msg::ReadBatch {
+                generation,
+                entries,
+            } => {
+                let d = self.source.descriptor();
+                let total: u64 = entries.iter().map(|e| u64::from(e.len)).sum();
+                if total > u64::from(MAX_READ) {
+                    return Err((
+                        ErrorCode::TooLarge,
+                        format!("batch of {total} bytes exceeds {MAX_READ}"),
+                    ));
+                }
+                let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+                for e in &entries {
+                    let gpa = authorize(
+                        &d,
+                        role,
+                        generation,
+                        e.hook,
+                        e.offset,
+                        u64::from(e.len),
+                        Op::Read,
+                    )?;
+                    let start = out.len();
+                    out.resize(start + e.len as usize, 0);
+                    if !self.mem.read(gpa, &mut out[start..]) {
+                        return Err(internal("read"));
+                    }
+                }
+                Ok(Msg::ReadBatchOk(out))
+            }
+            Msg::Write {
+                generation,
+                hook,
+                offset,
+                data,
+            } => {
+                let d = self.source.descriptor();
+                let gpa = authorize(
+                    &d,
+                    role,
+                    generation,
+                    hook,
+                    offset,
+                    data.len() as u64,
+                    Op::Write,
+                )?;
+                if !self.mem.write(gpa, &data) {
+                    return Err(internal("write"));
+                }
+                Ok(Msg::WriteOk)
+            }
+            Msg::Cas {
+                generation,
+                hook,
+                offset,
+                expected,
+                new,
+            } => {
+                let d = self.source.descriptor();
+                let gpa = authorize(&d, role, generation, hook, offset, 8, Op::Atomic)?;
+                self.mem
+                    .cas(gpa, expected, new)
+                    .map(Msg::AtomicOk)
+                    .ok_or_else(|| internal("compare-and-swap"))
+            }
+            Msg::Faa {
+                generation,
+                hook,
+                offset,
+                add,
+            } => {
+                let d = self.source.descriptor();
+                let gpa = authorize(&d, role, generation, hook, offset, 8, Op::Atomic)?;
+                self.mem
+                    .faa(gpa, add)
+                    .map(Msg::AtomicOk)
+                    .ok_or_else(|| internal("fetch-and-add"))
+            }
+            Msg::VerbsConnect(endpoint) => match &self.verbs {
+                Some(v) => v
+                    .connect(role, &self.source.descriptor(), &endpoint)
+                    .map(Msg::VerbsInfo),
+                None => Err((
+                    ErrorCode::Unsupported,
+                    "this agent has no RDMA device; use the soft backend".into(),
+                )),
+            },
+            other => Err((
+                ErrorCode::BadRequest,
+                format!("unexpected message {:?}", std::mem::discriminant(&other)),
+            )),
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: String) -> Msg {
+    Msg::Error { code, message }
+}

@@ -1,0 +1,192 @@
+//! The link between bdvmm and a separate agent process, over a Unix
+//! socket: bdvmm sends the guest-RAM memfd (SCM_RIGHTS) with a JSON hello
+//! naming the VM and its RAM ranges, then one JSON line per change of the
+//! hook table. When bdvmm dies the link closes and the agent keeps serving
+//! the last table from the memfd it holds: the backdoor outlives the VMM.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backdoor_dev::{BackdoorShared, Descriptor};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::descriptor::PushedDescriptor;
+use crate::guest_mem::{GuestMemory, MapError, RamRange};
+
+/// Longest hello or update line accepted from a VMM.
+pub const MAX_LINE: usize = 64 << 10;
+
+/// The first message: which VM, where its RAM is, its hooks now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The VM's name (monitors authenticate against it).
+    pub vm: String,
+    /// RAM ranges inside the memfd.
+    pub ranges: Vec<RamRange>,
+    /// The hook table at connection time.
+    pub descriptor: Descriptor,
+}
+
+/// Errors on the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Socket trouble.
+    #[error("VMM link: {0}")]
+    Io(#[from] std::io::Error),
+    /// sendmsg/recvmsg trouble.
+    #[error("VMM link: {0}")]
+    Sys(#[from] nix::Error),
+    /// The VMM sent something that is not the protocol.
+    #[error("VMM link: bad message: {0}")]
+    Bad(String),
+    /// The memfd cannot be mapped.
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+/// VMM side: sends the memfd and hello, then keeps the agent up to date
+/// from `shared` on a thread of its own until the socket closes.
+pub fn connect_and_publish(
+    path: &Path,
+    memfd: &File,
+    hello: &Hello,
+    shared: Arc<BackdoorShared>,
+) -> Result<(), LinkError> {
+    let stream = UnixStream::connect(path)?;
+    let mut line = serde_json::to_vec(hello).map_err(|e| LinkError::Bad(e.to_string()))?;
+    line.push(b'\n');
+    let fds = [memfd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let mut sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&line)],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )?;
+    let mut w = stream.try_clone()?;
+    while sent < line.len() {
+        sent += std::io::Write::write(&mut w, &line[sent..])?;
+    }
+    std::thread::Builder::new()
+        .name("bd-agent-link".into())
+        .spawn(move || {
+            let mut seen = u64::MAX;
+            loop {
+                let (version, d) = shared.wait_change(seen, Duration::from_secs(1));
+                if version != seen {
+                    seen = version;
+                    let mut line = serde_json::to_vec(&d).unwrap_or_default();
+                    line.push(b'\n');
+                    if let Err(e) = w.write_all(&line) {
+                        tracing::warn!(
+                            "agent link closed: {e}; the agent keeps serving its last table"
+                        );
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Agent side: waits for a VMM on `listener`, maps its memfd, and returns
+/// the VM name, its memory and a table that follows the VMM's updates (on
+/// a thread) until the VMM goes away.
+pub fn accept(
+    listener: &UnixListener,
+) -> Result<(String, Arc<GuestMemory>, Arc<PushedDescriptor>), LinkError> {
+    let (stream, _) = listener.accept()?;
+    let (first, memfd) = recv_hello(&stream)?;
+    // The first read may hold the hello and the start of an update: keep
+    // whatever follows the hello's newline in front of the stream.
+    let (mut line, rest) = match first.iter().position(|&b| b == b'\n') {
+        Some(nl) => (first[..=nl].to_vec(), first[nl + 1..].to_vec()),
+        None => (first, Vec::new()),
+    };
+    let mut reader = BufReader::new(std::io::Cursor::new(rest).chain(stream));
+    if !line.ends_with(b"\n") {
+        read_line(&mut reader, &mut line)?;
+    }
+    let hello: Hello =
+        serde_json::from_slice(&line).map_err(|e| LinkError::Bad(format!("hello: {e}")))?;
+    if hello.vm.is_empty() || hello.vm.len() > crate::wire::MAX_NAME {
+        return Err(LinkError::Bad(format!(
+            "VM name {:?} must have 1 to {} bytes",
+            hello.vm,
+            crate::wire::MAX_NAME
+        )));
+    }
+    let mem = Arc::new(GuestMemory::map(memfd, hello.ranges.clone())?);
+    let table = Arc::new(PushedDescriptor::new(hello.descriptor.clone()));
+    let follower = table.clone();
+    std::thread::Builder::new().name("bd-vmm-link".into()).spawn(move || {
+        loop {
+            let mut line = Vec::new();
+            match read_line(&mut reader, &mut line) {
+                Ok(0) => break,
+                Ok(_) => match serde_json::from_slice::<Descriptor>(&line) {
+                    Ok(d) => follower.update(d),
+                    Err(e) => {
+                        tracing::warn!("VMM link: ignoring a bad update: {e}");
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("VMM link: {e}");
+                    break;
+                }
+            }
+        }
+        tracing::warn!("the VMM is gone; serving its last hook table from the guest memory this agent holds");
+        follower.vmm_gone();
+    })?;
+    Ok((hello.vm, mem, table))
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes; 0 at end of stream.
+fn read_line(r: &mut impl BufRead, out: &mut Vec<u8>) -> Result<usize, LinkError> {
+    let n = r
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', out)?;
+    if out.len() > MAX_LINE {
+        return Err(LinkError::Bad(format!("line longer than {MAX_LINE} bytes")));
+    }
+    Ok(n)
+}
+
+fn recv_hello(stream: &UnixStream) -> Result<(Vec<u8>, File), LinkError> {
+    let mut buf = vec![0u8; MAX_LINE];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let n = msg.bytes;
+    let mut memfd = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                if memfd.is_none() {
+                    // SAFETY: the kernel just installed this fd for us; we own it.
+                    memfd = Some(unsafe { File::from_raw_fd(fd) });
+                } else {
+                    // SAFETY: an extra fd we did not ask for: close it.
+                    drop(unsafe { File::from_raw_fd(fd) });
+                }
+            }
+        }
+    }
+    let memfd = memfd.ok_or_else(|| LinkError::Bad("the hello carried no memfd".into()))?;
+    buf.truncate(n);
+    Ok((buf, memfd))
+}

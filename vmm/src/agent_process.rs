@@ -1,0 +1,40 @@
+//! `bdvmm agent`: the backdoor agent as a process of its own. It receives
+//! a VMM's guest-RAM memfd over a Unix socket and serves the guest's hooks
+//! to monitors, during and after the VMM's life.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use backdoor_agent::auth::Keys;
+use backdoor_agent::{vmm_link, Agent, DescriptorSource};
+
+use crate::cli::AgentArgs;
+
+/// Runs the agent until the process is killed.
+pub fn run(args: &AgentArgs) -> Result<(), String> {
+    let keys = Keys::load(&args.keys).map_err(|e| e.to_string())?;
+    let tcp = TcpListener::bind(&args.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+    if args.vmm_sock.exists() {
+        // A stale socket from an agent that died; a live one would refuse the bind below anyway.
+        let _ = std::fs::remove_file(&args.vmm_sock);
+    }
+    let unix = UnixListener::bind(&args.vmm_sock)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.vmm_sock.display()))?;
+    eprintln!(
+        "bdvmm agent: monitors connect to {addr}; waiting for a VMM on {}",
+        args.vmm_sock.display()
+    );
+    let (vm, mem, table) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
+    eprintln!("bdvmm agent: serving the backdoor of {vm}");
+    let source: Arc<dyn DescriptorSource> = table;
+    let agent = Arc::new(
+        Agent::new(vm, keys, mem, source)
+            .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us)),
+    );
+    let handle = agent.serve(tcp).map_err(|e| e.to_string())?;
+    let _ = handle.join();
+    Ok(())
+}
