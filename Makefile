@@ -26,6 +26,7 @@ test: guests
 
 bench: build
 	$(CARGO) bench -p bdvmm-tests
+	$(CARGO) bench -p backdoor-agent
 
 clean:
 	$(MAKE) -s -C images clean
