@@ -21,8 +21,10 @@ demo: build
 test: guests
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) build -p bdvmm
+	$(CARGO) clippy -p backdoor-agent -p bdvmm --features backdoor-agent/verbs,bdvmm/verbs --all-targets -- -D warnings
+	$(CARGO) build -p bdvmm -p bdctl
 	$(CARGO) test --workspace
+	$(CARGO) test -p backdoor-agent --features verbs
 
 bench: build
 	$(CARGO) bench -p bdvmm-tests

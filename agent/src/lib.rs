@@ -7,8 +7,13 @@ pub mod access;
 pub mod auth;
 pub mod client;
 pub mod descriptor;
+pub mod doctor;
 pub mod guest_mem;
 pub mod server;
+#[cfg(feature = "verbs")]
+pub mod verbs;
+#[cfg(feature = "verbs")]
+pub mod verbs_client;
 pub mod vmm_link;
 pub mod wire;
 

@@ -30,11 +30,27 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
     let (vm, mem, table) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
     eprintln!("bdvmm agent: serving the backdoor of {vm}");
     let source: Arc<dyn DescriptorSource> = table;
-    let agent = Arc::new(
-        Agent::new(vm, keys, mem, source)
-            .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us)),
-    );
+    let agent = Agent::new(vm, keys, mem.clone(), source)
+        .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us));
+    let agent = Arc::new(with_verbs(agent, mem));
     let handle = agent.serve(tcp).map_err(|e| e.to_string())?;
     let _ = handle.join();
     Ok(())
+}
+
+/// Adds the RDMA verbs backend when bdvmm was built with it and a device
+/// exists; otherwise says why the soft backend serves alone.
+pub fn with_verbs(agent: Agent, mem: Arc<backdoor_agent::GuestMemory>) -> Agent {
+    #[cfg(feature = "verbs")]
+    {
+        match backdoor_agent::verbs::VerbsBackend::open(mem, None) {
+            Ok(v) => return agent.with_verbs(Arc::new(v)),
+            Err(e) => eprintln!(
+                "bdvmm: RDMA verbs backend unavailable ({e}); serving the soft backend only"
+            ),
+        }
+    }
+    #[cfg(not(feature = "verbs"))]
+    let _ = mem;
+    agent
 }

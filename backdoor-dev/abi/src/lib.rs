@@ -276,6 +276,8 @@ pub const PBOX_MAGIC: u32 = 0x4250_4442;
 pub const SBOX_MAGIC: u32 = 0x4253_4442;
 /// Size of box headers, counters and record headers.
 pub const LINE: usize = 64;
+/// [`LINE`] as a read length.
+pub const LINE_LEN: u32 = 64;
 
 /// Progress-box header (64 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

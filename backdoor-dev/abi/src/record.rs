@@ -108,7 +108,9 @@ pub fn read_slot(src: &impl SlotSource, max_retries: u32) -> ReadOutcome {
     }
 }
 
-fn validate(buf: &[u8], seq: u64) -> Result<Record, Corruption> {
+/// Validates a copy of a slot taken at seqlock value `seq` (already known
+/// even and unchanged across the copy): payload bound, CRC, service name.
+pub fn validate(buf: &[u8], seq: u64) -> Result<Record, Corruption> {
     let hdr = RecordHeader::from_bytes(buf[..LINE].try_into().expect("slot >= 64 bytes"));
     let max = u32::try_from(buf.len() - LINE).unwrap_or(u32::MAX);
     if hdr.payload_len > max {
@@ -165,6 +167,32 @@ impl SlotSource for LocalSlot<'_> {
             chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
         }
     }
+}
+
+/// Encodes a complete record (seq 2: written once, even) into a slot of
+/// `slot_size` bytes, for handing sessions to another instance.
+pub fn encode(
+    service: &str,
+    session_id: u64,
+    version: u64,
+    stage: u32,
+    payload: &[u8],
+    slot_size: usize,
+) -> Option<Vec<u8>> {
+    if slot_size < LINE || payload.len() > slot_size - LINE {
+        return None;
+    }
+    let mut b = vec![0u8; slot_size];
+    b[0..8].copy_from_slice(&2u64.to_le_bytes());
+    b[8..16].copy_from_slice(&session_id.to_le_bytes());
+    b[16..32].copy_from_slice(&encode_name::<16>(service));
+    b[32..40].copy_from_slice(&version.to_le_bytes());
+    b[40..44].copy_from_slice(&stage.to_le_bytes());
+    b[44..48].copy_from_slice(&u32::try_from(payload.len()).ok()?.to_le_bytes());
+    b[LINE..LINE + payload.len()].copy_from_slice(payload);
+    let crc = record_crc(&b, payload.len());
+    b[48..52].copy_from_slice(&crc.to_le_bytes());
+    Some(b)
 }
 
 /// Writes a record into a slot of atomic words with the writer protocol

@@ -1,0 +1,334 @@
+//! Command line and configuration file. Every watch option can come from
+//! a TOML file (`--config`); flags override it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::target::{Target, TargetError};
+use crate::watch::WatchOptions;
+
+/// backdoor-vmm's remote monitor.
+#[derive(Debug, Parser)]
+#[command(name = "bdctl", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch guests' progress counters and report hangs.
+    Watch(WatchArgs),
+    /// Extract a guest's service continuations (newest complete record per session).
+    Extract(ExtractArgs),
+    /// Hand extracted sessions to another instance through its inbox (a REPAIR hook).
+    Resume(ResumeArgs),
+    /// Show a guest's backdoor: generation, tamper count, hooks, counters.
+    Status(OneTarget),
+    /// Read bytes of a hook.
+    Read(ReadArgs),
+    /// Write bytes into a REPAIR hook (repair key).
+    Write(WriteArgs),
+    /// Compare-and-swap an aligned 8-byte word of a REPAIR hook (repair key).
+    Cas(CasArgs),
+    /// Say which backends work on this host (and, with a target, whether it answers).
+    Doctor(DoctorArgs),
+}
+
+/// A target and its keys.
+#[derive(Debug, Args)]
+pub struct OneTarget {
+    /// NAME@HOST:PORT of the guest's agent.
+    pub target: String,
+    /// Key file (TOML: read = "<hex>", repair = "<hex>").
+    #[arg(long, value_name = "PATH")]
+    pub key_file: PathBuf,
+    /// Connect and reply timeout, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub timeout_ms: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OneTarget {
+    /// The parsed target.
+    pub fn target(&self) -> Result<Target, TargetError> {
+        Target::parse(&self.target, &self.key_file)
+    }
+
+    /// The timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// `bdctl watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// NAME@HOST:PORT of each guest's agent.
+    pub targets: Vec<String>,
+    /// TOML configuration (targets, keys, interval, actions).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Key file for targets given on the command line.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// Poll interval in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub interval_ms: Option<u64>,
+    /// Connect/reply timeout per target in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+    /// One JSON event per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Shell command to run on a hang; the event is in $BDCTL_EVENT.
+    #[arg(long, value_name = "CMD")]
+    pub on_hang: Option<String>,
+    /// Extract the hung guest's sessions into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub extract_on_hang: Option<PathBuf>,
+    /// Stop after N polling rounds.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Exit with status 3 once a hang has been reported and its actions are done.
+    #[arg(long)]
+    pub exit_on_hang: bool,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Poll interval.
+    pub interval_ms: Option<u64>,
+    /// Timeout per target.
+    pub timeout_ms: Option<u64>,
+    /// Default key file for targets.
+    pub key_file: Option<PathBuf>,
+    /// On-hang command.
+    pub on_hang: Option<String>,
+    /// On-hang extraction directory.
+    pub extract_on_hang: Option<PathBuf>,
+    /// Metrics address.
+    pub metrics: Option<String>,
+    /// Targets.
+    #[serde(default)]
+    pub targets: Vec<ConfigTarget>,
+}
+
+/// One target in the configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigTarget {
+    /// NAME@HOST:PORT.
+    pub target: String,
+    /// Its own key file (else the file's default).
+    pub key_file: Option<PathBuf>,
+}
+
+/// Errors assembling the watch configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable or invalid TOML.
+    #[error("config {path}: {detail}")]
+    File { path: String, detail: String },
+    /// A target or key problem.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// Nothing to watch, or no keys.
+    #[error("{0}")]
+    Missing(String),
+    /// Bad value.
+    #[error("{0}")]
+    Value(String),
+}
+
+/// Reads and parses a configuration file.
+pub fn load_config(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let err = |detail: String| ConfigError::File {
+        path: path.display().to_string(),
+        detail,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| err(e.message().to_owned()))
+}
+
+impl WatchArgs {
+    /// Merges flags over the config file into targets and options.
+    pub fn resolve(&self) -> Result<(Vec<Target>, WatchOptions), ConfigError> {
+        let file = match &self.config {
+            Some(p) => load_config(p)?,
+            None => ConfigFile::default(),
+        };
+        let base = self
+            .config
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        let rel = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let default_keys = self
+            .key_file
+            .clone()
+            .or_else(|| file.key_file.as_deref().map(rel));
+        let mut targets = Vec::new();
+        for t in &file.targets {
+            let keys = t
+                .key_file
+                .as_deref()
+                .map(rel)
+                .or_else(|| default_keys.clone())
+                .ok_or_else(|| {
+                    ConfigError::Missing(format!(
+                        "no key file for target {} (set key_file)",
+                        t.target
+                    ))
+                })?;
+            targets.push(Target::parse(&t.target, &keys)?);
+        }
+        for t in &self.targets {
+            let keys = default_keys.clone().ok_or_else(|| {
+                ConfigError::Missing("give --key-file (or key_file in --config)".into())
+            })?;
+            targets.push(Target::parse(t, &keys)?);
+        }
+        if targets.is_empty() {
+            return Err(ConfigError::Missing(
+                "no targets: give NAME@HOST:PORT or a --config with [[targets]]".into(),
+            ));
+        }
+        let interval_ms = self.interval_ms.or(file.interval_ms).unwrap_or(100);
+        let timeout_ms = self.timeout_ms.or(file.timeout_ms).unwrap_or(500);
+        if interval_ms == 0 || timeout_ms == 0 {
+            return Err(ConfigError::Value(
+                "interval and timeout must be at least 1 ms".into(),
+            ));
+        }
+        let opts = WatchOptions {
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(timeout_ms),
+            json: self.json,
+            metrics: self.metrics.clone().or(file.metrics),
+            on_hang: self.on_hang.clone().or(file.on_hang),
+            extract_on_hang: self
+                .extract_on_hang
+                .clone()
+                .or(file.extract_on_hang.as_deref().map(rel)),
+            count: self.count,
+            exit_on_hang: self.exit_on_hang,
+        };
+        Ok((targets, opts))
+    }
+}
+
+/// `bdctl extract`.
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// The target.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// Only this service's sessions.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// Write the JSON here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Also write each session's raw payload to DIR/<service>-<session>.bin.
+    #[arg(long, value_name = "DIR")]
+    pub raw: Option<PathBuf>,
+}
+
+/// `bdctl resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The instance that takes the sessions over.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// An extraction (from `bdctl extract --out`).
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// Only this service's sessions.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// The REPAIR hook holding the inbox.
+    #[arg(long, value_name = "NAME", default_value = "control")]
+    pub hook: String,
+    /// Offset of the doorbell word (the number of records delivered).
+    #[arg(long, value_name = "BYTES", default_value_t = 8)]
+    pub doorbell_offset: u64,
+    /// Offset of the first inbox slot.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub inbox_offset: u64,
+    /// Inbox slot size.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    pub slot_size: u32,
+}
+
+/// `bdctl read`.
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// The target.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// Hook name or id.
+    pub hook: String,
+    /// Offset in the hook.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u32,
+}
+
+/// `bdctl write`.
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// The target.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// Hook name or id.
+    pub hook: String,
+    /// Offset in the hook.
+    pub offset: u64,
+    /// Bytes, as hex.
+    pub hex: String,
+}
+
+/// `bdctl cas`.
+#[derive(Debug, Args)]
+pub struct CasArgs {
+    /// The target.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// Hook name or id.
+    pub hook: String,
+    /// Offset (8-byte aligned).
+    pub offset: u64,
+    /// Expected value.
+    pub expected: u64,
+    /// New value.
+    pub new: u64,
+}
+
+/// `bdctl doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Also try to reach and authenticate to this target.
+    pub target: Option<String>,
+    /// Key file for the target.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+}

@@ -1,0 +1,49 @@
+//! One poll of a target: the descriptor (generation, tamper count) and
+//! every progress box's counters, in two round trips.
+
+use backdoor_abi::{Counter, CounterState, PboxHeader, LINE, LINE_LEN, PBOX_MAGIC};
+use backdoor_agent::{Client, ClientError};
+
+use crate::judge::{CounterObs, Observation};
+
+/// Reads the descriptor and all counters.
+pub fn observe(client: &mut Client) -> Result<Observation, ClientError> {
+    let d = client.describe()?.clone();
+    let mut counters = Vec::new();
+    for h in d.hooks.iter().filter(|h| h.kind == "progress_box") {
+        let header = client.read(h.id, 0, LINE_LEN)?;
+        let hdr = PboxHeader::from_bytes(&header.try_into().unwrap_or([0; LINE]));
+        if hdr.magic != PBOX_MAGIC
+            || usize::from(hdr.header_size) != LINE
+            || hdr.counter_size as usize != LINE
+        {
+            // A progress box the guest never initialised (or scribbled on):
+            // nothing to judge in it.
+            continue;
+        }
+        let max = (h.len / LINE as u64).saturating_sub(1);
+        let n = u64::from(hdr.capacity).min(max);
+        if n == 0 {
+            continue;
+        }
+        let len = u32::try_from(n * LINE as u64)
+            .unwrap_or(u32::MAX)
+            .min(backdoor_agent::wire::MAX_READ);
+        let bytes = client.read(h.id, LINE as u64, len)?;
+        for chunk in bytes.chunks_exact(LINE) {
+            let c = Counter::from_bytes(chunk.try_into().expect("64-byte chunk"));
+            if c.id != 0 && c.state() != Some(CounterState::Free) {
+                counters.push(CounterObs {
+                    hook: h.name.clone(),
+                    counter: c,
+                });
+            }
+        }
+    }
+    Ok(Observation {
+        generation: d.generation,
+        tamper_count: d.tamper_count,
+        sealed: d.sealed,
+        counters,
+    })
+}

@@ -1,0 +1,436 @@
+//! `bdctl watch`: polls every target's progress boxes at a fixed interval,
+//! judges them by the monitor's clock, reports verdict changes (live table,
+//! JSON lines, Prometheus metrics) and runs actions on a hang.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backdoor_agent::{Client, Role};
+use serde_json::json;
+
+use crate::judge::{Event, Judge, Observation, Verdict};
+use crate::metrics::{self, Exposition};
+use crate::target::Target;
+use crate::{extract, poll};
+
+/// How `bdctl watch` runs.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Poll interval.
+    pub interval: Duration,
+    /// Connect and reply timeout per target.
+    pub timeout: Duration,
+    /// One JSON event per line instead of the table.
+    pub json: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<String>,
+    /// Run this shell command on every hang (event in its environment).
+    pub on_hang: Option<String>,
+    /// Extract the hung guest's sessions into this directory.
+    pub extract_on_hang: Option<PathBuf>,
+    /// Stop after this many rounds.
+    pub count: Option<u64>,
+    /// Exit (status 3) once a hang has been reported (and its actions finished).
+    pub exit_on_hang: bool,
+}
+
+struct Watched {
+    target: Target,
+    client: Option<Client>,
+    judge: Judge,
+    last: Option<Observation>,
+    events: BTreeMap<&'static str, u64>,
+    poll_seconds: f64,
+}
+
+/// What `watch` ends with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The round count ran out.
+    Done,
+    /// A hang was seen and `exit_on_hang` was set.
+    Hang,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Runs the watch loop.
+pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<WatchEnd> {
+    let mut watched: Vec<Watched> = targets
+        .into_iter()
+        .map(|target| Watched {
+            target,
+            client: None,
+            judge: Judge::new(),
+            last: None,
+            events: BTreeMap::new(),
+            poll_seconds: 0.0,
+        })
+        .collect();
+    let exposition = Exposition::default();
+    if let Some(addr) = &opts.metrics {
+        let bound = metrics::serve(addr, exposition.clone())?;
+        eprintln!("bdctl: metrics on http://{bound}/metrics");
+    }
+    let table = !opts.json && std::io::stdout().is_terminal();
+    let (done_tx, done_rx) = mpsc::channel::<serde_json::Value>();
+    let mut pending_actions = 0usize;
+    let mut hang_seen = false;
+    let mut recent: Vec<String> = Vec::new();
+    let mut last_draw = Instant::now() - Duration::from_secs(1);
+    let mut round = 0u64;
+    let mut next = Instant::now();
+    loop {
+        for w in &mut watched {
+            let t = Instant::now();
+            let result = poll_target(w, opts.timeout);
+            w.poll_seconds = t.elapsed().as_secs_f64();
+            let now = Instant::now();
+            let events = w.judge.observe(now, result.as_ref().map_err(Clone::clone));
+            if let Ok(o) = result {
+                w.last = Some(o);
+            }
+            for e in events {
+                let name = event_name(&e);
+                *w.events.entry(name).or_default() += 1;
+                let mut v = serde_json::to_value(&e).unwrap_or_default();
+                v["ts_unix_ms"] = json!(now_ms());
+                v["target"] = json!(w.target.name);
+                emit(&v, opts.json, table, &mut recent);
+                if let Event::Verdict {
+                    verdict: Verdict::Hung { .. },
+                    ..
+                } = &e
+                {
+                    hang_seen = true;
+                    pending_actions += run_actions(&w.target, &v, opts, &done_tx);
+                }
+            }
+        }
+        while let Ok(v) = done_rx.try_recv() {
+            pending_actions = pending_actions.saturating_sub(1);
+            emit(&v, opts.json, table, &mut recent);
+        }
+        if opts.metrics.is_some() {
+            exposition.set(render_metrics(&watched));
+        }
+        if table && last_draw.elapsed() >= Duration::from_millis(250) {
+            draw_table(&watched, &recent);
+            last_draw = Instant::now();
+        }
+        round += 1;
+        if opts.exit_on_hang && hang_seen {
+            // Let the hang's actions (extraction, commands) finish first.
+            while pending_actions > 0 {
+                if let Ok(v) = done_rx.recv() {
+                    pending_actions -= 1;
+                    emit(&v, opts.json, table, &mut recent);
+                } else {
+                    break;
+                }
+            }
+            if table {
+                draw_table(&watched, &recent);
+            }
+            return Ok(WatchEnd::Hang);
+        }
+        if opts.count.is_some_and(|c| round >= c) {
+            return Ok(WatchEnd::Done);
+        }
+        next += opts.interval;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now; // fell behind: do not try to catch up in a burst
+        }
+    }
+}
+
+fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String> {
+    if w.client.is_none() {
+        w.client = Some(
+            w.target
+                .connect(Role::Read, timeout)
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let client = w.client.as_mut().expect("just connected");
+    match poll::observe(client) {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            w.client = None;
+            Err(e.to_string())
+        }
+    }
+}
+
+fn event_name(e: &Event) -> &'static str {
+    match e {
+        Event::Verdict { verdict, .. } => verdict.name(),
+        Event::Rebooted { .. } => "rebooted",
+        Event::Tampered { .. } => "tampered",
+    }
+}
+
+fn emit(v: &serde_json::Value, json: bool, table: bool, recent: &mut Vec<String>) {
+    if json {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+        return;
+    }
+    let line = human(v);
+    if table {
+        recent.push(line);
+        if recent.len() > 8 {
+            recent.remove(0);
+        }
+    } else {
+        println!("{line}");
+    }
+}
+
+/// One event as a sentence.
+pub fn human(v: &serde_json::Value) -> String {
+    let target = v["target"].as_str().unwrap_or("?");
+    let what = match v["event"].as_str().unwrap_or("") {
+        "verdict" => match v["verdict"].as_str().unwrap_or("") {
+            "hung" => format!(
+                "HUNG ({} level): counter {} has not moved for {} ms (deadline {} ms)",
+                v["level"].as_str().unwrap_or("?"),
+                v["counter"].as_str().unwrap_or("?"),
+                v["stalled_ms"],
+                v["deadline_ms"]
+            ),
+            "unreachable" => format!(
+                "UNREACHABLE: {} (not judged hung)",
+                v["reason"].as_str().unwrap_or("?")
+            ),
+            other => format!("{} (generation {})", other.to_uppercase(), v["generation"]),
+        },
+        "rebooted" => format!("REBOOTED: generation {} -> {}", v["from"], v["to"]),
+        "tampered" => format!(
+            "TAMPERED: the guest tried to change its sealed backdoor (tamper count {} -> {})",
+            v["from"], v["to"]
+        ),
+        "extracted" => format!(
+            "extracted {} sessions to {} ({} accepted, {} torn, {} corrupt)",
+            v["sessions"],
+            v["file"].as_str().unwrap_or("?"),
+            v["accepted"],
+            v["torn"],
+            v["corrupt"]
+        ),
+        "action" => format!("on-hang command exited with {}", v["status"]),
+        "action_failed" => format!("action failed: {}", v["error"].as_str().unwrap_or("?")),
+        other => other.to_owned(),
+    };
+    format!("[{}] {target}: {what}", v["ts_unix_ms"])
+}
+
+/// Starts the on-hang actions; returns how many will report back.
+fn run_actions(
+    target: &Target,
+    event: &serde_json::Value,
+    opts: &WatchOptions,
+    done: &mpsc::Sender<serde_json::Value>,
+) -> usize {
+    let mut started = 0;
+    if let Some(cmd) = &opts.on_hang {
+        let (cmd, event, target, done) = (cmd.clone(), event.clone(), target.clone(), done.clone());
+        started += 1;
+        std::thread::spawn(move || {
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .env("BDCTL_EVENT", event.to_string())
+                .env("BDCTL_TARGET", &target.name)
+                .env("BDCTL_ADDR", &target.addr)
+                .env("BDCTL_LEVEL", event["level"].as_str().unwrap_or(""))
+                .env("BDCTL_COUNTER", event["counter"].as_str().unwrap_or(""))
+                .status();
+            let v = match status {
+                Ok(s) => {
+                    json!({"event": "action", "target": target.name, "status": s.code(), "ts_unix_ms": now_ms()})
+                }
+                Err(e) => {
+                    json!({"event": "action_failed", "target": target.name, "error": e.to_string(), "ts_unix_ms": now_ms()})
+                }
+            };
+            let _ = done.send(v);
+        });
+    }
+    if let Some(dir) = &opts.extract_on_hang {
+        let (dir, target, done, timeout) =
+            (dir.clone(), target.clone(), done.clone(), opts.timeout);
+        started += 1;
+        std::thread::spawn(move || {
+            let v = match extract_to_dir(&target, &dir, timeout) {
+                Ok((file, x)) => json!({
+                    "event": "extracted", "target": target.name, "file": file.display().to_string(),
+                    "sessions": x.sessions.len(), "accepted": x.summary.accepted, "torn": x.summary.torn,
+                    "corrupt": x.summary.corrupt, "generation": x.generation, "ts_unix_ms": now_ms(),
+                }),
+                Err(e) => {
+                    json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
+                }
+            };
+            let _ = done.send(v);
+        });
+    }
+    started
+}
+
+fn extract_to_dir(
+    target: &Target,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<(PathBuf, extract::Extraction), String> {
+    let mut c = target
+        .connect(Role::Read, timeout.max(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let x = extract::extract(&mut c, None, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let file = dir.join(format!(
+        "{}-g{}-{}.json",
+        target.name,
+        x.generation,
+        now_ms()
+    ));
+    let text = serde_json::to_string_pretty(&x).map_err(|e| e.to_string())?;
+    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok((file, x))
+}
+
+fn draw_table(watched: &[Watched], recent: &[String]) {
+    let mut s = String::from("\x1b[H\x1b[2J");
+    let _ = writeln!(
+        s,
+        "{:<16} {:<12} {:>10} {:>6} {:>7}  DETAIL",
+        "TARGET", "STATE", "GENERATION", "TAMPER", "POLL"
+    );
+    for w in watched {
+        let v = w.judge.verdict();
+        let detail = match v {
+            Some(Verdict::Hung {
+                level,
+                counter,
+                stalled_ms,
+                deadline_ms,
+            }) => format!("{level:?} counter {counter} stalled {stalled_ms} ms > {deadline_ms} ms"),
+            Some(Verdict::Unreachable { reason }) => reason.clone(),
+            _ => w
+                .last
+                .as_ref()
+                .map(|o| format!("{} counters", o.counters.len()))
+                .unwrap_or_default(),
+        };
+        let (generation, tamper) = w.last.as_ref().map_or((String::new(), String::new()), |o| {
+            (o.generation.to_string(), o.tamper_count.to_string())
+        });
+        let _ = writeln!(
+            s,
+            "{:<16} {:<12} {:>10} {:>6} {:>5.1}ms  {}",
+            w.target.name,
+            v.map_or("?", Verdict::name),
+            generation,
+            tamper,
+            w.poll_seconds * 1e3,
+            detail
+        );
+    }
+    let _ = writeln!(s, "\nrecent events:");
+    for l in recent {
+        let _ = writeln!(s, "  {l}");
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+fn render_metrics(watched: &[Watched]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# HELP bdctl_target_up Whether the target's backdoor could be read at the last poll.\n# TYPE bdctl_target_up gauge");
+    for w in watched {
+        let up = !matches!(w.judge.verdict(), Some(Verdict::Unreachable { .. }) | None);
+        let _ = writeln!(
+            s,
+            "bdctl_target_up{{target=\"{}\"}} {}",
+            metrics::label(&w.target.name),
+            u8::from(up)
+        );
+    }
+    let _ = writeln!(s, "# HELP bdctl_target_verdict The target's verdict (1 for the current one).\n# TYPE bdctl_target_verdict gauge");
+    for w in watched {
+        for v in ["healthy", "idle", "hung", "unreachable"] {
+            let cur = w.judge.verdict().is_some_and(|x| x.name() == v);
+            let _ = writeln!(
+                s,
+                "bdctl_target_verdict{{target=\"{}\",verdict=\"{v}\"}} {}",
+                metrics::label(&w.target.name),
+                u8::from(cur)
+            );
+        }
+    }
+    let _ = writeln!(s, "# HELP bdctl_target_generation Backdoor generation (changes on guest reset).\n# TYPE bdctl_target_generation gauge");
+    let _ = writeln!(s, "# HELP bdctl_target_tamper_count Commands the guest's device refused after the seal.\n# TYPE bdctl_target_tamper_count gauge");
+    let _ = writeln!(
+        s,
+        "# HELP bdctl_counter_value A progress counter's value.\n# TYPE bdctl_counter_value gauge"
+    );
+    for w in watched {
+        let t = metrics::label(&w.target.name);
+        if let Some(o) = &w.last {
+            let _ = writeln!(
+                s,
+                "bdctl_target_generation{{target=\"{t}\"}} {}",
+                o.generation
+            );
+            let _ = writeln!(
+                s,
+                "bdctl_target_tamper_count{{target=\"{t}\"}} {}",
+                o.tamper_count
+            );
+            for c in &o.counters {
+                let _ = writeln!(
+                    s,
+                    "bdctl_counter_value{{target=\"{t}\",counter=\"{}\"}} {}",
+                    metrics::label(&c.name()),
+                    c.counter.value
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "# HELP bdctl_events_total Events reported, by kind.\n# TYPE bdctl_events_total counter"
+    );
+    for w in watched {
+        for (k, n) in &w.events {
+            let _ = writeln!(
+                s,
+                "bdctl_events_total{{target=\"{}\",event=\"{k}\"}} {n}",
+                metrics::label(&w.target.name)
+            );
+        }
+    }
+    let _ = writeln!(s, "# HELP bdctl_poll_duration_seconds How long the last poll of a target took.\n# TYPE bdctl_poll_duration_seconds gauge");
+    for w in watched {
+        let _ = writeln!(
+            s,
+            "bdctl_poll_duration_seconds{{target=\"{}\"}} {:.6}",
+            metrics::label(&w.target.name),
+            w.poll_seconds
+        );
+    }
+    s
+}
