@@ -253,7 +253,9 @@ impl Judge {
             let stalled = now.saturating_duration_since(t.changed_at);
             if stalled > Duration::from_millis(u64::from(c.counter.deadline_ms)) {
                 let level = HangLevel::from_level(c.counter.level());
-                let stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX);
+                // Rounded up: it is strictly past the deadline, and should read so.
+                let stalled_ms =
+                    u64::try_from(stalled.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
                 if worst
                     .as_ref()
                     .is_none_or(|w| level < w.0 || (level == w.0 && stalled_ms > w.2))

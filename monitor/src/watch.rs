@@ -234,7 +234,22 @@ pub fn human(v: &serde_json::Value) -> String {
         "action_failed" => format!("action failed: {}", v["error"].as_str().unwrap_or("?")),
         other => other.to_owned(),
     };
-    format!("[{}] {target}: {what}", v["ts_unix_ms"])
+    format!(
+        "{} {target}: {what}",
+        clock(v["ts_unix_ms"].as_u64().unwrap_or(0))
+    )
+}
+
+/// HH:MM:SS.mmm (UTC) of a Unix time in milliseconds.
+fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60,
+        ms % 1000
+    )
 }
 
 /// Starts the on-hang actions; returns how many will report back.

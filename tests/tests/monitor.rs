@@ -1,0 +1,456 @@
+//! bdctl against the shop service guest (images/guests/svc.c): hang
+//! detection in time, idle never hung, unreachable never hung (a cut
+//! network path in a network namespace), reboots, extraction from paused,
+//! hung, halted and VMM-less guests, and corrupt records skipped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use backdoor_agent::{Client, Role};
+use bdvmm_tests::{exit, keys, repo_root, AgentProcess, Vm};
+
+const T: Duration = Duration::from_secs(60);
+/// The svc guest's OS-level counter deadline (its "kernel" counter).
+const KERNEL_DEADLINE_MS: u64 = 500;
+
+fn bdctl_bin() -> PathBuf {
+    bdvmm_tests::bdvmm_bin().with_file_name("bdctl")
+}
+
+struct Shop {
+    vm: Vm,
+    addr: String,
+    keys: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Shop {
+    fn target(&self) -> String {
+        format!("shop1@{}", self.addr)
+    }
+
+    fn control(&self, cmd: u64) {
+        let mut c = Client::connect(
+            self.addr.as_str(),
+            "shop1",
+            Role::Repair,
+            &keys::REPAIR,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let id = c.descriptor().hook("control").expect("control hook").id;
+        c.write(id, 0, &cmd.to_le_bytes()).unwrap();
+    }
+}
+
+/// The shop service in ring 0 (so it can hang with interrupts off), with the in-process agent.
+fn shop(extra: &[&str]) -> Shop {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let mut args = vec![
+        "--name",
+        "shop1",
+        "--backdoor-listen",
+        "127.0.0.1:0",
+        "--backdoor-keys",
+        k.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut vm = Vm::test_guest("svc", 0, &args);
+    vm.wait_line("svc: serving sessions", T);
+    let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
+    Shop {
+        vm,
+        addr,
+        keys: k,
+        _dir: dir,
+    }
+}
+
+/// `bdctl watch --json` in the background; its events arrive on a channel.
+struct Watch {
+    child: Child,
+    events: mpsc::Receiver<(Instant, serde_json::Value)>,
+}
+
+impl Watch {
+    fn start(target: &str, keys: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(bdctl_bin())
+            .args(["watch", "--json", "--key-file"])
+            .arg(keys)
+            .arg(target)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start bdctl watch");
+        let out = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
+                if tx.send((Instant::now(), v)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// Waits for an event matching `pred`; panics with everything seen on timeout.
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> (Instant, serde_json::Value) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok((t, v)) if pred(&v) => return (t, v),
+                Ok((_, v)) => seen.push(v),
+                Err(_) => panic!("no {what} event within {timeout:?}; saw {seen:?}"),
+            }
+        }
+    }
+
+    fn verdict(&self, v: &'static str, timeout: Duration) -> (Instant, serde_json::Value) {
+        self.wait(v, timeout, move |e| {
+            e["event"] == "verdict" && e["verdict"] == v
+        })
+    }
+
+    /// Every event that arrives within `d`.
+    fn collect(&self, d: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + d;
+        let mut out = Vec::new();
+        while let Ok((_, v)) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            out.push(v);
+        }
+        out
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bdctl(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bdctl_bin())
+        .args(args)
+        .output()
+        .expect("run bdctl");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn extract(target: &str, keys: &Path, out: &Path) -> (serde_json::Value, String) {
+    let (code, _, err) = bdctl(&[
+        "extract",
+        target,
+        "--key-file",
+        keys.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    (
+        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap(),
+        err,
+    )
+}
+
+/// The shop's sessions 1..=3, each consistent with its own arithmetic.
+fn assert_three_consistent_sessions(x: &serde_json::Value) {
+    let sessions = x["sessions"].as_array().unwrap();
+    let ids: Vec<u64> = sessions
+        .iter()
+        .map(|s| s["session_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3], "{x}");
+    for s in sessions {
+        let (id, stage) = (
+            s["session_id"].as_u64().unwrap(),
+            s["stage"].as_u64().unwrap(),
+        );
+        let total = id * stage * (stage + 1) / 2;
+        assert_eq!(
+            s["payload_text"].as_str().unwrap(),
+            format!("items={stage} total={total}"),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn a_hang_is_detected_within_the_deadline_plus_two_intervals() {
+    let s = shop(&[]);
+    let w = Watch::start(
+        &s.target(),
+        &s.keys,
+        &["--interval-ms", "50", "--exit-on-hang"],
+    );
+    w.verdict("healthy", T);
+    std::thread::sleep(Duration::from_millis(300));
+    let hung_at = Instant::now();
+    s.control(1);
+    let (seen, e) = w.verdict("hung", T);
+    assert_eq!(
+        (e["level"].as_str(), e["counter"].as_str()),
+        (Some("os"), Some("kernel")),
+        "{e}"
+    );
+    let latency = seen.duration_since(hung_at);
+    // deadline + 2 intervals, plus generous slack for a loaded CI machine.
+    assert!(
+        latency < Duration::from_millis(KERNEL_DEADLINE_MS + 2 * 50 + 1500),
+        "detected after {latency:?}"
+    );
+    assert!(
+        latency >= Duration::from_millis(KERNEL_DEADLINE_MS - 100),
+        "too early to be a real judgement: {latency:?}"
+    );
+    let mut w = w;
+    assert_eq!(
+        w.child.wait().unwrap().code(),
+        Some(3),
+        "--exit-on-hang exits 3"
+    );
+}
+
+#[test]
+fn idle_counters_are_never_reported_hung() {
+    let s = shop(&[]);
+    let w = Watch::start(&s.target(), &s.keys, &["--interval-ms", "50"]);
+    w.verdict("healthy", T);
+    // session-4 is IDLE with a 2 s deadline and never moves: 4 s of watching.
+    let events = w.collect(Duration::from_secs(4));
+    assert!(events.iter().all(|e| e["verdict"] != "hung"), "{events:?}");
+    let (code, out, err) = bdctl(&[
+        "status",
+        &s.target(),
+        "--key-file",
+        s.keys.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("session-4") && l.contains("idle")),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_guest_reset_is_reported_as_rebooted_and_watching_goes_on() {
+    let s = shop(&["--on-reset", "reboot"]);
+    let w = Watch::start(&s.target(), &s.keys, &["--interval-ms", "50"]);
+    let (_, first) = w.verdict("healthy", T);
+    s.control(3);
+    let (_, r) = w.wait("rebooted", T, |e| e["event"] == "rebooted");
+    assert_eq!(r["from"], first["generation"]);
+    assert_ne!(r["to"], r["from"]);
+    // The rebooted service registers its backdoor again and is judged healthy in its new generation.
+    let (_, again) = w.wait("healthy after reboot", T, |e| {
+        e["verdict"] == "healthy" && e["generation"] == r["to"]
+    });
+    assert_eq!(again["generation"], r["to"]);
+}
+
+#[test]
+fn extraction_works_from_paused_hung_and_halted_guests() {
+    for (mode, cmd) in [("paused", 0u64), ("hung", 1), ("halted", 2)] {
+        let mut s = shop(&[]);
+        std::thread::sleep(Duration::from_millis(500)); // let the sessions advance
+        if cmd == 0 {
+            assert_eq!(s.vm.api("pause")["ok"], true);
+        } else {
+            s.control(cmd);
+            s.vm.wait_line("svc: hanging with interrupts off", T);
+        }
+        let before = s.vm.api("exits");
+        let out = s._dir.path().join("x.json");
+        let (x, summary) = extract(&s.target(), &s.keys, &out);
+        assert_three_consistent_sessions(&x);
+        assert_eq!(x["summary"]["corrupt"], 0, "{mode}: {summary}");
+        assert_eq!(x["summary"]["torn"], 0, "{mode}: {summary}");
+        assert!(
+            summary.contains("extracted 3 sessions from shop1"),
+            "{mode}: {summary}"
+        );
+        assert_eq!(
+            s.vm.api("exits"),
+            before,
+            "{mode}: extraction cost the guest exits"
+        );
+    }
+}
+
+#[test]
+fn extraction_works_after_the_vmm_was_sigkilled() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let agent = AgentProcess::start(dir.path(), &k);
+    let sock = agent.vmm_sock.to_str().unwrap().to_owned();
+    let mut vm = Vm::test_guest("svc", 0, &["--name", "shop1", "--agent-sock", &sock]);
+    vm.wait_line("svc: serving sessions", T);
+    std::thread::sleep(Duration::from_millis(500));
+    vm.signal(libc::SIGKILL);
+    assert_eq!(vm.wait_exit(T), None);
+    let (x, _) = extract(
+        &format!("shop1@{}", agent.addr),
+        &k,
+        &dir.path().join("x.json"),
+    );
+    assert_three_consistent_sessions(&x);
+}
+
+#[test]
+fn corrupt_records_are_reported_and_skipped_and_the_rest_extracted() {
+    let s = shop(&[]);
+    std::thread::sleep(Duration::from_millis(300));
+    s.control(4); // the guest scribbles over session 2's newest record
+    let mut vm = s.vm;
+    vm.wait_line("svc: scribbled over session 2", T);
+    let out = s._dir.path().join("x.json");
+    let (code, _, err) = bdctl(&[
+        "extract",
+        &format!("shop1@{}", s.addr),
+        "--key-file",
+        s.keys.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let x: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(x["summary"]["corrupt"], 1, "{err}");
+    assert!(err.contains("corrupt"), "{err}");
+    // Session 2 survives through its previous, intact version (double-buffered slots).
+    assert_three_consistent_sessions(&x);
+    assert_eq!(vm.api("stop")["ok"], true);
+    assert_eq!(vm.wait_exit(T), Some(exit::OK));
+}
+
+/// A network namespace with a veth link to the root namespace, removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    fn create() -> Option<Self> {
+        let id = std::process::id() % 10_000;
+        let name = format!("bdt{id}");
+        let host_if = format!("bdh{id}");
+        let ns_if = format!("bdg{id}");
+        let sh = |cmd: &str| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let _ = sh(&format!("ip netns del {name} 2>/dev/null"));
+        let subnet = format!("10.213.{}", id % 250);
+        let ok = sh(&format!("ip netns add {name}"))
+            && sh(&format!("ip link add {host_if} type veth peer name {ns_if}"))
+            && sh(&format!("ip link set {ns_if} netns {name}"))
+            && sh(&format!("ip addr add {subnet}.1/24 dev {host_if} && ip link set {host_if} up"))
+            && sh(&format!("ip -n {name} addr add {subnet}.2/24 dev {ns_if} && ip -n {name} link set {ns_if} up && ip -n {name} link set lo up"));
+        let ns = Self { name, host_if };
+        ok.then_some(ns)
+    }
+
+    fn guest_ip(&self) -> String {
+        format!("10.213.{}.2", (std::process::id() % 10_000) % 250)
+    }
+
+    fn link(&self, up: bool) {
+        let st = Command::new("ip")
+            .args(["link", "set", &self.host_if, if up { "up" } else { "down" }])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_cut_network_path_is_unreachable_never_hung_and_watching_resumes() {
+    let Some(ns) = Netns::create() else {
+        eprintln!("SKIP: cannot create a network namespace with a veth link here (needs root and iproute2)");
+        return;
+    };
+    // The guest's host lives in the namespace; the monitor stays outside.
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let guest = bdvmm_tests::guest("svc");
+    let addr = format!("{}:7790", ns.guest_ip());
+    let sock = dir.path().join("api.sock");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(bdvmm_tests::bdvmm_bin())
+        .args([
+            "run",
+            "--test-guest",
+            guest.to_str().unwrap(),
+            "--ring",
+            "0",
+            "--mem",
+            "64M",
+            "--name",
+            "shop1",
+            "--backdoor-listen",
+            &addr,
+            "--backdoor-keys",
+            k.to_str().unwrap(),
+            "--api-sock",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let w = Watch::start(
+        &format!("shop1@{addr}"),
+        &k,
+        &["--interval-ms", "50", "--timeout-ms", "300"],
+    );
+    w.verdict("healthy", T);
+    ns.link(false);
+    let (_, e) = w.verdict("unreachable", T);
+    assert!(e["reason"].is_string());
+    // Two seconds without a path (longer than the kernel counter's deadline): never "hung".
+    let during = w.collect(Duration::from_secs(2));
+    assert!(during.iter().all(|e| e["verdict"] != "hung"), "{during:?}");
+    ns.link(true);
+    w.verdict("healthy", T);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = repo_root();
+}
