@@ -186,6 +186,15 @@ impl GuestMemory {
     }
 }
 
+/// A fresh memfd of `len` bytes: stand-in guest RAM for tests and benchmarks.
+pub fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<File> {
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let f = File::from(fd);
+    f.set_len(len)?;
+    Ok(f)
+}
+
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: base/len are exactly what mmap returned; no references outlive self.

@@ -6,9 +6,17 @@ use backdoor_agent::{Client, ClientError};
 
 use crate::judge::{CounterObs, Observation};
 
-/// Reads the descriptor and all counters.
+/// Reads the descriptor and all counters (two round trips and more).
 pub fn observe(client: &mut Client) -> Result<Observation, ClientError> {
-    let d = client.describe()?.clone();
+    client.describe()?;
+    observe_counters(client)
+}
+
+/// Reads all counters under the descriptor the client already has; a
+/// guest reboot shows up as a STALE_GENERATION refusal, after which the
+/// caller re-describes. One round trip per progress box.
+pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError> {
+    let d = client.descriptor().clone();
     let mut counters = Vec::new();
     for h in d.hooks.iter().filter(|h| h.kind == "progress_box") {
         let header = client.read(h.id, 0, LINE_LEN)?;

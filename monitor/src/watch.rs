@@ -38,9 +38,15 @@ pub struct WatchOptions {
     pub exit_on_hang: bool,
 }
 
+/// How often a target's descriptor (generation, tamper count) is re-read
+/// between counter polls; a reboot is noticed sooner, through the
+/// STALE_GENERATION refusal of the next counter read.
+const DESCRIBE_EVERY: Duration = Duration::from_millis(250);
+
 struct Watched {
     target: Target,
     client: Option<Client>,
+    described: Option<Instant>,
     judge: Judge,
     last: Option<Observation>,
     events: BTreeMap<&'static str, u64>,
@@ -69,6 +75,7 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
         .map(|target| Watched {
             target,
             client: None,
+            described: None,
             judge: Judge::new(),
             last: None,
             events: BTreeMap::new(),
@@ -157,20 +164,31 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
 
 fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String> {
     if w.client.is_none() {
-        w.client = Some(
-            w.target
-                .connect(Role::Read, timeout)
-                .map_err(|e| e.to_string())?,
-        );
+        let c = w
+            .target
+            .connect(Role::Read, timeout)
+            .map_err(|e| e.to_string())?;
+        w.client = Some(c);
+        w.described = Some(Instant::now()); // WELCOME carried the descriptor
     }
     let client = w.client.as_mut().expect("just connected");
-    match poll::observe(client) {
-        Ok(o) => Ok(o),
-        Err(e) => {
-            w.client = None;
-            Err(e.to_string())
+    let stale = w.described.is_none_or(|t| t.elapsed() >= DESCRIBE_EVERY);
+    let result = if stale {
+        w.described = Some(Instant::now());
+        poll::observe(client)
+    } else {
+        match poll::observe_counters(client) {
+            Err(e) if e.code() == Some(backdoor_agent::ErrorCode::StaleGeneration) => {
+                w.described = Some(Instant::now());
+                poll::observe(client)
+            }
+            other => other,
         }
-    }
+    };
+    result.map_err(|e| {
+        w.client = None;
+        e.to_string()
+    })
 }
 
 fn event_name(e: &Event) -> &'static str {
