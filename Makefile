@@ -29,6 +29,7 @@ test: guests
 bench: build
 	$(CARGO) bench -p bdvmm-tests
 	$(CARGO) bench -p backdoor-agent
+	$(CARGO) bench -p bdctl
 
 clean:
 	$(MAKE) -s -C images clean

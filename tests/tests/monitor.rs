@@ -454,3 +454,78 @@ fn a_cut_network_path_is_unreachable_never_hung_and_watching_resumes() {
     let _ = child.wait();
     let _ = repo_root();
 }
+
+#[test]
+fn config_file_metrics_and_on_hang_command_work_together() {
+    let s = shop(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("hang-event.json");
+    let config = dir.path().join("watch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "interval_ms = 50\ntimeout_ms = 500\nkey_file = \"{}\"\nmetrics = \"127.0.0.1:0\"\non_hang = \"printf '%s' \\\"$BDCTL_EVENT\\\" > {}\"\n[[targets]]\ntarget = \"{}\"\n",
+            s.keys.display(),
+            marker.display(),
+            s.target()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bdctl_bin())
+        .args(["watch", "--json", "--exit-on-hang", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The metrics address is announced on stderr.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let url = line
+        .split("http://")
+        .nth(1)
+        .expect("metrics announcement")
+        .trim()
+        .to_owned();
+    let (host, _) = url.split_once('/').unwrap();
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(host).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    };
+    let deadline = Instant::now() + T;
+    while !scrape().contains("bdctl_target_verdict{target=\"shop1\",verdict=\"healthy\"} 1") {
+        assert!(
+            Instant::now() < deadline,
+            "never healthy in metrics:\n{}",
+            scrape()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = scrape();
+    assert!(
+        body.contains("bdctl_counter_value{target=\"shop1\",counter=\"kernel\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("bdctl_target_up{target=\"shop1\"} 1"),
+        "{body}"
+    );
+    s.control(1);
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    let event: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&marker).expect("on-hang command ran"))
+            .unwrap();
+    assert_eq!(
+        (
+            event["verdict"].as_str(),
+            event["level"].as_str(),
+            event["target"].as_str()
+        ),
+        (Some("hung"), Some("os"), Some("shop1"))
+    );
+}
