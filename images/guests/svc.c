@@ -250,6 +250,11 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 	ok = ok && hook(bd_base, (void *)control, PAGE, BD_KIND_REPAIR,
 			BD_PERM_ALL, "control");
 	ok = ok && bd_seal(bd_base) == BD_OK;
+	/*
+	 * ncpus (main's 2nd argument) picks the role: 1 vCPU serves sessions
+	 * 1-3, 2 or more is a fresh instance (demo.sh starts shop2 with
+	 * --vcpus 2 to get one).
+	 */
 	if (ok && ncpus < 2) {
 		for (i = 1; ok && i <= 3; i++) {
 			struct session *s = add_session(i);
@@ -287,6 +292,8 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 			scribble();
 		}
 		bell = control[1];
+		/* The monitor writes records, then the doorbell: read in order. */
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);
 		while (seen < bell && seen < INBOX_SLOTS)
 			adopt(seen++);
 		if (++tick % STEP == 0 && nsessions) {
