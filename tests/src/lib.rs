@@ -223,8 +223,11 @@ impl Vm {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        stream.write_all(line).unwrap();
-        stream.write_all(b"\n").unwrap();
+        let mut request = line.to_vec();
+        request.push(b'\n');
+        // bdvmm may answer an oversized request and close before reading it
+        // all: the write then fails, but the reply is still there to read.
+        let _ = stream.write_all(&request);
         let mut reply = String::new();
         BufReader::new(stream).read_line(&mut reply).unwrap();
         reply
