@@ -149,18 +149,20 @@ struct bd_counter {
 
 /* ---------------------------------------------------------------------
  * 3. State box (BD_KIND_STATE_BOX): a header, then slot_count slots of
- * slot_size bytes starting at offset header_size; each slot holds at most
- * one record: a 64-byte header, then payload_len bytes of payload.
+ * slot_size bytes starting at offset header_size (a multiple of 64: the
+ * 64-byte header, padded); each slot holds at most one record: a 64-byte
+ * header, then payload_len bytes of payload.
  */
 #define BD_SBOX_MAGIC		0x42534442U	/* "BDSB" */
 #define BD_SBOX_VERSION		1
-#define BD_SBOX_HEADER_SIZE	64
+#define BD_SBOX_HEADER_SIZE	64		/* the smallest header_size */
+#define BD_SBOX_MAX_HEADER_SIZE	0xffc0		/* header_size fits a u16 */
 #define BD_SBOX_MIN_SLOT_SIZE	128		/* and a power of two */
 
 struct bd_sbox_header {
 	bd_u32 magic;			/* BD_SBOX_MAGIC */
 	bd_u16 version;			/* BD_SBOX_VERSION */
-	bd_u16 header_size;		/* BD_SBOX_HEADER_SIZE */
+	bd_u16 header_size;		/* where slot 0 starts; 64 * n, n >= 1 */
 	bd_u32 slot_count;
 	bd_u32 slot_size;		/* power of two, >= BD_SBOX_MIN_SLOT_SIZE */
 	bd_u8 reserved[48];

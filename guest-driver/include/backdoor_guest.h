@@ -59,6 +59,15 @@ void bd_counter_retire(struct bd_counter *c);
  */
 int bd_sbox_init(void *mem, bd_u64 bytes, bd_u32 slot_size);
 
+/*
+ * The same, with the slots starting at @header_size (a multiple of 64, at
+ * most BD_SBOX_MAX_HEADER_SIZE) instead of 64.  A header of one page and
+ * slots of whole pages let a driver map one service's slots, and nothing
+ * else, into that service's address space.
+ */
+int bd_sbox_init_at(void *mem, bd_u64 bytes, bd_u32 slot_size,
+		    bd_u32 header_size);
+
 /* Slot @i of the box (its record header), or NULL if out of range. */
 void *bd_sbox_slot(void *box, bd_u32 i);
 

@@ -224,6 +224,12 @@ void bd_counter_retire(struct bd_counter *c)
 
 int bd_sbox_init(void *mem, bd_u64 bytes, bd_u32 slot_size)
 {
+	return bd_sbox_init_at(mem, bytes, slot_size, BD_SBOX_HEADER_SIZE);
+}
+
+int bd_sbox_init_at(void *mem, bd_u64 bytes, bd_u32 slot_size,
+		    bd_u32 header_size)
+{
 	struct bd_sbox_header *h = mem;
 	bd_u64 count;
 
@@ -231,15 +237,19 @@ int bd_sbox_init(void *mem, bd_u64 bytes, bd_u32 slot_size)
 		return -1;
 	if (slot_size < BD_SBOX_MIN_SLOT_SIZE || (slot_size & (slot_size - 1)))
 		return -1;
-	if (bytes < BD_SBOX_HEADER_SIZE + (bd_u64)slot_size)
+	if (header_size < BD_SBOX_HEADER_SIZE ||
+	    header_size > BD_SBOX_MAX_HEADER_SIZE ||
+	    header_size % BD_SBOX_HEADER_SIZE)
 		return -1;
-	count = (bytes - BD_SBOX_HEADER_SIZE) / slot_size;
+	if (bytes < header_size + (bd_u64)slot_size)
+		return -1;
+	count = (bytes - header_size) / slot_size;
 	if (count > 0x7fffffff)
 		count = 0x7fffffff;
 
-	bd_zero(mem, BD_SBOX_HEADER_SIZE + count * slot_size);
+	bd_zero(mem, header_size + count * slot_size);
 	h->version = BD_SBOX_VERSION;
-	h->header_size = BD_SBOX_HEADER_SIZE;
+	h->header_size = (bd_u16)header_size;
 	h->slot_count = (bd_u32)count;
 	h->slot_size = slot_size;
 	h->magic = BD_SBOX_MAGIC;
@@ -252,9 +262,10 @@ void *bd_sbox_slot(void *box, bd_u32 i)
 
 	/* Re-check slot_size: bd_record_write's bound relies on it. */
 	if (!box || h->magic != BD_SBOX_MAGIC || i >= h->slot_count ||
-	    h->slot_size < BD_SBOX_MIN_SLOT_SIZE)
+	    h->slot_size < BD_SBOX_MIN_SLOT_SIZE ||
+	    h->header_size < BD_SBOX_HEADER_SIZE)
 		return (void *)0;
-	return (bd_u8 *)box + BD_SBOX_HEADER_SIZE + (bd_u64)i * h->slot_size;
+	return (bd_u8 *)box + h->header_size + (bd_u64)i * h->slot_size;
 }
 
 int bd_record_write(void *box, bd_u32 slot, const char *service,

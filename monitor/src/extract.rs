@@ -120,12 +120,15 @@ pub fn extract(
                 .unwrap_or([0; LINE]),
         );
         let size = u64::from(hdr.slot_size);
+        // Slot 0 starts at header_size: 64, or padded (to a page, by the Linux driver).
+        let base = u64::from(hdr.header_size);
         let valid = hdr.magic == SBOX_MAGIC
-            && usize::from(hdr.header_size) == LINE
+            && base >= LINE as u64
+            && base % LINE as u64 == 0
             && size >= 128
             && size.is_power_of_two()
             && size <= u64::from(MAX_READ)
-            && LINE as u64 + u64::from(hdr.slot_count) * size <= h.len;
+            && base + u64::from(hdr.slot_count) * size <= h.len;
         if !valid {
             problems.push(Problem {
                 hook: h.name.clone(),
@@ -142,7 +145,7 @@ pub fn extract(
         let mut copy = Vec::with_capacity(usize::try_from(count * size).unwrap_or(0));
         // Chunks hold whole slots, so a slot's seq is copied before its body.
         let chunk = u32::try_from((u64::from(MAX_READ) / size) * size).unwrap_or(MAX_READ);
-        client.read_bulk(h.id, LINE as u64, count * size, chunk, 4, |b| {
+        client.read_bulk(h.id, base, count * size, chunk, 4, |b| {
             copy.extend_from_slice(b);
             done += b.len() as u64;
             progress(done, total);
@@ -152,7 +155,7 @@ pub fn extract(
             let entries: Vec<BatchEntry> = (first..last)
                 .map(|i| BatchEntry {
                     hook: h.id,
-                    offset: LINE as u64 + i * size,
+                    offset: base + i * size,
                     len: 8,
                 })
                 .collect();
@@ -172,7 +175,7 @@ pub fn extract(
                     }
                 } else {
                     // It moved (or was mid-write): read it alone with the seqlock protocol.
-                    let rs = RemoteSlot::new(client, h.id, LINE as u64 + i * size, hdr.slot_size);
+                    let rs = RemoteSlot::new(client, h.id, base + i * size, hdr.slot_size);
                     let out = match read_slot(&rs, MAX_RETRIES) {
                         ReadOutcome::Complete { record, retries } => ReadOutcome::Complete {
                             record,

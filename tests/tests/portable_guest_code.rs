@@ -29,6 +29,7 @@ extern "C" {
     fn bd_counter_retire(c: *mut c_void);
     fn bd_test_bump(c: *mut c_void);
     fn bd_sbox_init(mem: *mut c_void, bytes: u64, slot_size: u32) -> c_int;
+    fn bd_sbox_init_at(mem: *mut c_void, bytes: u64, slot_size: u32, header_size: u32) -> c_int;
     fn bd_sbox_slot(sbox: *mut c_void, i: u32) -> *mut c_void;
     #[allow(clippy::too_many_arguments)]
     fn bd_record_write(
@@ -160,6 +161,30 @@ fn state_box_header_and_bad_writes() {
     assert!(unsafe { bd_sbox_init(r.ptr(), 100, 128) } < 0);
     // SAFETY: as above; 100 is not a power of two.
     assert!(unsafe { bd_sbox_init(r.ptr(), 4096, 100) } < 0);
+}
+
+#[test]
+fn a_page_padded_header_puts_every_slot_on_its_own_pages() {
+    // The Linux driver's layout: one page of header, slots of one page, so
+    // it can map one service's slots alone into that service.
+    let r = Region::new(4096 * 4);
+    // SAFETY: r holds 4 pages.
+    assert_eq!(unsafe { bd_sbox_init_at(r.ptr(), 4096 * 4, 4096, 4096) }, 3);
+    let h = SboxHeader::from_bytes(&r.line(0));
+    assert_eq!((h.header_size, h.slot_count, h.slot_size), (4096, 3, 4096));
+    // SAFETY: slot 2 exists.
+    let slot2 = unsafe { bd_sbox_slot(r.ptr(), 2) };
+    assert_eq!(slot2 as usize - r.ptr() as usize, 3 * 4096);
+    assert_eq!(write_record(&r, 2, "kv", 7, 1, 3, b"hello"), 0);
+    // slot() counts from the end of a 64-byte header.
+    match read_slot(&r.slot(4096 - LINE, 2, 4096), 0) {
+        ReadOutcome::Complete { record, .. } => assert_eq!(record.payload, b"hello"),
+        other => panic!("{other:?}"),
+    }
+    for bad in [0, 32, 100, 0x1_0000] {
+        // SAFETY: r holds 4 pages; a bad header size is refused before any write.
+        assert!(unsafe { bd_sbox_init_at(r.ptr(), 4096 * 4, 4096, bad) } < 0, "{bad}");
+    }
 }
 
 #[test]
