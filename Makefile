@@ -26,10 +26,11 @@ test: guests
 	$(CARGO) test --workspace
 	$(CARGO) test -p backdoor-agent --features verbs
 
-bench: build
-	$(CARGO) bench -p bdvmm-tests
-	$(CARGO) bench -p backdoor-agent
-	$(CARGO) bench -p bdctl
+# The benchmark suite (bench/): results/BENCHMARKS.md, results/benchmarks.json
+# and results/plots/. `make bench QUICK=1` (or BDBENCH_QUICK=1): a quick run.
+bench: guests
+	$(CARGO) build --release -p bdvmm -p bdctl -p bdbench
+	./target/release/bdbench $(if $(QUICK),--quick)
 
 clean:
 	$(MAKE) -s -C images clean

@@ -25,7 +25,7 @@ use crate::boot::linux::{self, LinuxBootError};
 use crate::boot::test_guest::{self, TestGuestError};
 use crate::bus::{Bus, BusError, Width};
 use crate::config::{GuestConfig, VmConfig};
-use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial};
+use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial, watchdog};
 use crate::event_loop::{self, EventLoopError};
 use crate::exit_counters::ExitCounters;
 use crate::kvm::{self, KvmError};
@@ -486,6 +486,12 @@ fn add_devices(
             boot_timer_ns.clone(),
             vmm.vmm_start_ns,
         ))),
+    )?;
+    pio.insert(
+        "watchdog",
+        u64::from(watchdog::PORT),
+        watchdog::LEN,
+        Arc::new(Mutex::new(watchdog::Watchdog::new(lifecycle.clone()))),
     )?;
 
     let bd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create the backdoor irqfd"))?;

@@ -5,3 +5,4 @@ pub mod boot_timer;
 pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
+pub mod watchdog;

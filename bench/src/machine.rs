@@ -1,0 +1,82 @@
+//! What the numbers were measured on: CPU, cores, kernel, and whether KVM
+//! runs guests in hardware (VMX/SVM) or in software (PVM).
+
+use serde::Serialize;
+
+use bdvmm::kvm::{host_virtualization, Virtualization};
+
+/// The machine, as the report describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPU model name from /proc/cpuinfo.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cores: usize,
+    /// Kernel release.
+    pub kernel: String,
+    /// "hardware (VMX)", "hardware (SVM)" or "software (PVM: ...)".
+    pub kvm: String,
+    /// Total memory in MiB.
+    pub mem_mib: u64,
+    /// TSC frequency measured against CLOCK_MONOTONIC, in GHz.
+    pub tsc_ghz: f64,
+}
+
+impl Machine {
+    /// Looks at this machine (and measures its TSC for 200 ms).
+    pub fn describe() -> Self {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = info
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|r| r.split_once(':'))
+            .map_or_else(|| "unknown".into(), |(_, v)| v.trim().to_owned());
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
+        let kvm = match host_virtualization() {
+            Virtualization::Vmx => "hardware (VMX)".into(),
+            Virtualization::Svm => "hardware (SVM)".into(),
+            Virtualization::Software => {
+                "software (PVM: no VMX/SVM; guest ring 3 runs natively, guest ring 0 is emulated)"
+                    .into()
+            }
+        };
+        let mem_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib / 1024);
+        Self {
+            cpu,
+            cores,
+            kernel,
+            kvm,
+            mem_mib,
+            tsc_ghz: tsc_ghz(),
+        }
+    }
+
+    /// Whether KVM runs in hardware.
+    pub fn hardware_kvm(&self) -> bool {
+        self.kvm.starts_with("hardware")
+    }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions on x86-64 (user-mode reads are allowed by Linux).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// TSC ticks per nanosecond. Guests under KVM see the host's TSC rate, so
+/// this converts the test guests' TSC deltas to time.
+fn tsc_ghz() -> f64 {
+    let (t0, c0) = (std::time::Instant::now(), rdtsc());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (c1, dt) = (rdtsc(), t0.elapsed());
+    c1.wrapping_sub(c0) as f64 / dt.as_nanos() as f64
+}
