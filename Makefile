@@ -13,12 +13,29 @@ build: guests
 guests:
 	$(MAKE) -s -C images all
 
+# The Linux guest image from Debian packages: kernel, backdoor.ko, a busybox
+# initramfs starting bdkv; prints the paths and command line (images/build-image.sh).
+.PHONY: image
+image:
+	@./images/build-image.sh
+
+# backdoor.ko with the kernel's extra warnings (W=1) against KDIR (default:
+# the newest /usr/src/linux-headers-*-amd64); any compiler warning fails it.
+KDIR ?= $(shell ls -dv /usr/src/linux-headers-*-amd64 2>/dev/null | tail -n 1)
+.PHONY: module
+module:
+	@test -n "$(KDIR)" || { echo "module: no kernel headers: apt-get install linux-headers-amd64, or pass KDIR=" >&2; exit 1; }
+	@$(MAKE) -s -C guest-driver KDIR=$(KDIR) clean
+	@$(MAKE) -C guest-driver KDIR=$(KDIR) W=1 >guest-driver/build.log 2>&1 || { cat guest-driver/build.log; exit 1; }
+	@cat guest-driver/build.log
+	@! grep -q 'warning:' guest-driver/build.log || { echo "module: the build has warnings (W=1)" >&2; exit 1; }
+
 # The main job on its embedded default (see README).
 demo: build
 	./demo.sh
 
 # Style, lints, and every test. CI runs exactly this.
-test: guests
+test: guests module
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p backdoor-agent -p bdvmm --features backdoor-agent/verbs,bdvmm/verbs --all-targets -- -D warnings

@@ -12,6 +12,8 @@ fn main() {
     cc::Build::new()
         .file(&lib)
         .file("c/bump_shim.c")
+        .file(root.join("guest-driver/lib/backdoor_pool.c"))
+        .file("c/app_shim.c")
         .include(&include)
         .flag("-Wall")
         .flag("-Wextra")
@@ -20,4 +22,6 @@ fn main() {
     println!("cargo:rerun-if-changed={}", lib.display());
     println!("cargo:rerun-if-changed={}", include.display());
     println!("cargo:rerun-if-changed=c/bump_shim.c");
+    println!("cargo:rerun-if-changed=c/app_shim.c");
+    println!("cargo:rerun-if-changed=../guest-driver/lib/backdoor_pool.c");
 }

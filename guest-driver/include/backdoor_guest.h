@@ -84,6 +84,14 @@ int bd_record_write(void *box, bd_u32 slot, const char *service,
 		    bd_u64 session_id, bd_u64 version, bd_u32 stage,
 		    const void *payload, bd_u32 len);
 
+/*
+ * The same, into one slot of @slot_size bytes that the caller has mapped
+ * without the box around it (an application's service area).
+ */
+int bd_slot_write(void *slot, bd_u32 slot_size, const char *service,
+		  bd_u64 session_id, bd_u64 version, bd_u32 stage,
+		  const void *payload, bd_u32 len);
+
 /* ---- the device -------------------------------------------------------- */
 
 /*
@@ -94,6 +102,16 @@ extern bd_u64 bd_mmio_accesses;
 
 bd_u32 bd_reg_read(unsigned long base, bd_u32 off);
 void bd_reg_write(unsigned long base, bd_u32 off, bd_u32 v);
+
+#ifdef BD_GUEST_EXTERNAL_MMIO
+/*
+ * Built with BD_GUEST_EXTERNAL_MMIO, the code above leaves the 32-bit
+ * register accesses to its host environment (the Linux driver: readl and
+ * writel); otherwise it dereferences base + off as a volatile pointer.
+ */
+bd_u32 bd_mmio_read32(unsigned long addr);
+void bd_mmio_write32(unsigned long addr, bd_u32 v);
+#endif
 
 /* 0 if a version-1 backdoor device answers at @base, else negative. */
 int bd_dev_probe(unsigned long base);

@@ -273,16 +273,28 @@ int bd_record_write(void *box, bd_u32 slot, const char *service,
 		    const void *payload, bd_u32 len)
 {
 	struct bd_sbox_header *h = box;
-	struct bd_record hdr, *r;
-	volatile bd_u64 *seqp;
-	bd_u64 seq;
+	void *r;
 
 	if (!box || h->magic != BD_SBOX_MAGIC)
 		return BD_REC_EBOX;
 	r = bd_sbox_slot(box, slot);
 	if (!r)
 		return BD_REC_ESLOT;
-	if (len > h->slot_size - BD_RECORD_HEADER_SIZE)
+	return bd_slot_write(r, h->slot_size, service, session_id, version,
+			     stage, payload, len);
+}
+
+int bd_slot_write(void *slot, bd_u32 slot_size, const char *service,
+		  bd_u64 session_id, bd_u64 version, bd_u32 stage,
+		  const void *payload, bd_u32 len)
+{
+	struct bd_record hdr, *r = slot;
+	volatile bd_u64 *seqp;
+	bd_u64 seq;
+
+	if (!slot || !bd_aligned8(slot) || slot_size < BD_SBOX_MIN_SLOT_SIZE)
+		return BD_REC_ESLOT;
+	if (len > slot_size - BD_RECORD_HEADER_SIZE)
 		return BD_REC_E2BIG;
 	if (len && !payload)
 		return BD_REC_EBOX;
@@ -331,12 +343,29 @@ int bd_record_write(void *box, bd_u32 slot, const char *service,
 
 bd_u64 bd_mmio_accesses;
 
+#ifndef BD_GUEST_EXTERNAL_MMIO
+/*
+ * Identity-mapped guests reach the registers with plain volatile accesses.
+ * The Linux driver defines BD_GUEST_EXTERNAL_MMIO and supplies these with
+ * readl/writel on its ioremap()ed base.
+ */
+static bd_u32 bd_mmio_read32(unsigned long addr)
+{
+	return *(volatile bd_u32 *)addr;
+}
+
+static void bd_mmio_write32(unsigned long addr, bd_u32 v)
+{
+	*(volatile bd_u32 *)addr = v;
+}
+#endif
+
 bd_u32 bd_reg_read(unsigned long base, bd_u32 off)
 {
 	bd_u32 v;
 
 	bd_mmio_accesses++;
-	v = *(volatile bd_u32 *)(base + off);
+	v = bd_mmio_read32(base + off);
 	/* Later memory accesses must not move before the register read. */
 	__atomic_thread_fence(__ATOMIC_ACQUIRE);
 	return v;
@@ -347,7 +376,7 @@ void bd_reg_write(unsigned long base, bd_u32 off, bd_u32 v)
 	bd_mmio_accesses++;
 	/* The device reads the descriptor when COMMAND is written. */
 	__atomic_thread_fence(__ATOMIC_RELEASE);
-	*(volatile bd_u32 *)(base + off) = v;
+	bd_mmio_write32(base + off, v);
 }
 
 int bd_dev_probe(unsigned long base)

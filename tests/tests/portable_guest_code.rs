@@ -183,7 +183,8 @@ fn a_page_padded_header_puts_every_slot_on_its_own_pages() {
     }
     for bad in [0, 32, 100, 0x1_0000] {
         // SAFETY: r holds 4 pages; a bad header size is refused before any write.
-        assert!(unsafe { bd_sbox_init_at(r.ptr(), 4096 * 4, 4096, bad) } < 0, "{bad}");
+        let rc = unsafe { bd_sbox_init_at(r.ptr(), 4096 * 4, 4096, bad) };
+        assert!(rc < 0, "{bad}");
     }
 }
 
