@@ -226,18 +226,20 @@ impl Lifecycle {
     }
 }
 
+/// A lifecycle with a fresh exit eventfd and no vCPUs to kick, for device tests.
+#[cfg(test)]
+pub(crate) fn for_tests() -> std::sync::Arc<Lifecycle> {
+    std::sync::Arc::new(Lifecycle::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        Box::new(|| {}),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
-    fn lifecycle() -> Arc<Lifecycle> {
-        Arc::new(Lifecycle::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            Box::new(|| {}),
-        ))
-    }
+    use super::for_tests as lifecycle;
 
     #[test]
     fn first_exit_reason_wins_and_signals_the_event() {

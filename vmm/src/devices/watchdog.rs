@@ -149,14 +149,7 @@ impl BusDevice for Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EventFd;
-
-    fn lifecycle() -> Arc<Lifecycle> {
-        Arc::new(Lifecycle::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            Box::new(|| {}),
-        ))
-    }
+    use crate::lifecycle::for_tests as lifecycle;
 
     #[test]
     fn petting_keeps_the_vm_alive_and_silence_resets_it() {
