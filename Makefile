@@ -52,3 +52,18 @@ bench: guests
 clean:
 	$(MAKE) -s -C images clean
 	$(CARGO) clean
+
+# Reliability campaign (docs/RELIABILITY.md). `make fuzz FUZZ_SECONDS=60`:
+# every fuzz target for FUZZ_SECONDS each (nightly; installs cargo-fuzz).
+# `make faults FAULT_RUNS=20`: the fault matrix (tests/tests/faults.rs and
+# monitor.rs) N times each, with a per-test summary.
+# `make soak SOAK_SECONDS=600`: agent and monitor memory under load.
+.PHONY: fuzz faults soak
+fuzz:
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) ./fuzz/run.sh
+faults: guests
+	./tests/repeat.sh faults $(or $(FAULT_RUNS),10); s=$$?; \
+	./tests/repeat.sh monitor $(or $(FAULT_RUNS),10) && exit $$s
+soak: guests
+	$(CARGO) build -p bdvmm -p bdctl
+	BDVMM_SOAK_SECONDS=$(or $(SOAK_SECONDS),600) $(CARGO) test -p bdvmm-tests --test load soak -- --nocapture

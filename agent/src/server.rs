@@ -193,11 +193,13 @@ impl Agent {
         }
     }
 
-    /// HELLO → CHALLENGE → AUTH → WELCOME. Returns the role, or None if refused.
-    fn authenticate(
+    /// HELLO → CHALLENGE → AUTH → WELCOME. Returns the role, or None if
+    /// refused. Public (over any byte streams) so the fuzz targets in
+    /// `fuzz/` drive the real handshake without a socket.
+    pub fn authenticate(
         &self,
         r: &mut impl std::io::Read,
-        w: &mut BufWriter<TcpStream>,
+        w: &mut impl Write,
         peer: Option<SocketAddr>,
     ) -> Result<Option<Role>, WireError> {
         let (_, hello) = read_msg(r)?;
@@ -265,7 +267,10 @@ impl Agent {
         serde_json::to_vec(&public).unwrap_or_default()
     }
 
-    fn dispatch(&self, role: Role, msg: Msg) -> Result<Msg, Refusal> {
+    /// Answers one request of a monitor authenticated as `role`: the reply,
+    /// or the refusal to send as ERROR. Every check of docs/wire.md runs
+    /// here; public so the fuzz targets drive it without a socket.
+    pub fn dispatch(&self, role: Role, msg: Msg) -> Result<Msg, Refusal> {
         let internal = |what: &str| {
             (
                 ErrorCode::Internal,

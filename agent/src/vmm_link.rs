@@ -50,14 +50,53 @@ pub enum LinkError {
     Map(#[from] MapError),
 }
 
+/// How often the VMM side checks that the agent is still there, and how
+/// long it waits between attempts to reach a restarted one.
+const LINK_CHECK: Duration = Duration::from_millis(200);
+
 /// VMM side: sends the memfd and hello, then keeps the agent up to date
-/// from `shared` on a thread of its own until the socket closes.
+/// from `shared` on a thread of its own. If the agent goes away (killed,
+/// restarted), the thread reconnects to `path` whenever an agent listens
+/// there again and sends the memfd and the current table anew, so a
+/// restarted agent serves the same guest without restarting the VM.
 pub fn connect_and_publish(
     path: &Path,
     memfd: &File,
     hello: &Hello,
     shared: Arc<BackdoorShared>,
 ) -> Result<(), LinkError> {
+    let stream = send_hello(path, memfd, hello)?;
+    let memfd = memfd.try_clone()?;
+    let path = path.to_owned();
+    let hello = hello.clone();
+    std::thread::Builder::new()
+        .name("bd-agent-link".into())
+        .spawn(move || {
+            let mut stream = stream;
+            loop {
+                publish(&stream, &shared);
+                tracing::warn!(
+                    "agent link closed; waiting for an agent on {} to hand it guest RAM again",
+                    path.display()
+                );
+                stream = loop {
+                    std::thread::sleep(LINK_CHECK);
+                    let now = Hello {
+                        descriptor: shared.snapshot(),
+                        ..hello.clone()
+                    };
+                    if let Ok(s) = send_hello(&path, &memfd, &now) {
+                        tracing::warn!("agent link re-established on {}", path.display());
+                        break s;
+                    }
+                };
+            }
+        })?;
+    Ok(())
+}
+
+/// Connects to the agent at `path` and sends the hello line with the memfd.
+fn send_hello(path: &Path, memfd: &File, hello: &Hello) -> Result<UnixStream, LinkError> {
     let stream = UnixStream::connect(path)?;
     let mut line = serde_json::to_vec(hello).map_err(|e| LinkError::Bad(e.to_string()))?;
     line.push(b'\n');
@@ -70,30 +109,48 @@ pub fn connect_and_publish(
         MsgFlags::empty(),
         None,
     )?;
-    let mut w = stream.try_clone()?;
+    let mut w = &stream;
     while sent < line.len() {
-        sent += std::io::Write::write(&mut w, &line[sent..])?;
+        sent += w.write(&line[sent..])?;
     }
-    std::thread::Builder::new()
-        .name("bd-agent-link".into())
-        .spawn(move || {
-            let mut seen = u64::MAX;
-            loop {
-                let (version, d) = shared.wait_change(seen, Duration::from_secs(1));
-                if version != seen {
-                    seen = version;
-                    let mut line = serde_json::to_vec(&d).unwrap_or_default();
-                    line.push(b'\n');
-                    if let Err(e) = w.write_all(&line) {
-                        tracing::warn!(
-                            "agent link closed: {e}; the agent keeps serving its last table"
-                        );
-                        return;
-                    }
-                }
+    Ok(stream)
+}
+
+/// Streams every change of the table to the agent until the link closes.
+fn publish(stream: &UnixStream, shared: &BackdoorShared) {
+    let mut w = stream;
+    let mut seen = u64::MAX;
+    loop {
+        let (version, d) = shared.wait_change(seen, LINK_CHECK);
+        if version != seen {
+            seen = version;
+            let mut line = serde_json::to_vec(&d).unwrap_or_default();
+            line.push(b'\n');
+            if let Err(e) = w.write_all(&line) {
+                tracing::debug!("agent link: {e}");
+                return;
             }
-        })?;
-    Ok(())
+        } else if peer_closed(stream) {
+            // A sealed table never changes, so a dead agent would go
+            // unnoticed by writes alone.
+            return;
+        }
+    }
+}
+
+/// Whether the agent closed its end: it never writes on the link, so
+/// anything readable is the end of the stream (or an error).
+fn peer_closed(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    match nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(_) => true,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
+    }
 }
 
 /// Agent side: waits for a VMM on `listener`, maps its memfd, and returns
@@ -189,4 +246,82 @@ fn recv_hello(stream: &UnixStream) -> Result<(Vec<u8>, File), LinkError> {
     let memfd = memfd.ok_or_else(|| LinkError::Bad("the hello carried no memfd".into()))?;
     buf.truncate(n);
     Ok((buf, memfd))
+}
+
+#[cfg(test)]
+mod tests {
+    use backdoor_dev::GuestReader;
+
+    use crate::descriptor::DescriptorSource;
+
+    use super::*;
+
+    struct NoRam;
+    impl GuestReader for NoRam {
+        fn read(&self, _: u64, _: &mut [u8]) -> bool {
+            false
+        }
+    }
+
+    /// `accept` on `l`, failing the test if no VMM comes within 10 s.
+    fn accept_within(l: &UnixListener) -> (String, Arc<GuestMemory>, Arc<PushedDescriptor>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = l.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = tx.send(accept(&l).map_err(|e| e.to_string()));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the VMM never (re)connected")
+            .expect("a good hello")
+    }
+
+    #[test]
+    fn a_restarted_agent_gets_the_memfd_and_the_current_table_again() {
+        let dir = std::env::temp_dir().join(format!("bd-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let memfd = crate::guest_mem::memfd(c"link-test", 1 << 20).unwrap();
+        let shared = BackdoorShared::new(3);
+        let hello = Hello {
+            vm: "vm1".into(),
+            ranges: vec![RamRange {
+                guest_addr: 0,
+                len: 1 << 20,
+                file_offset: 0,
+            }],
+            descriptor: shared.snapshot(),
+        };
+        let first = UnixListener::bind(&path).unwrap();
+        connect_and_publish(&path, &memfd, &hello, shared.clone()).unwrap();
+        // The first agent takes the hello and the memfd, writes to guest
+        // RAM, and dies (its end of the link closes).
+        let (stream, _) = first.accept().unwrap();
+        let (line, fd) = recv_hello(&stream).unwrap();
+        assert!(String::from_utf8_lossy(&line).contains("\"vm1\""));
+        std::os::unix::fs::FileExt::write_all_at(&fd, b"kept", 0x1000).unwrap();
+        drop((stream, fd, first));
+        // Meanwhile the guest seals its table.
+        let _ = std::fs::remove_file(&path);
+        let mut dev =
+            backdoor_dev::BackdoorDevice::new(shared.clone(), Box::new(NoRam), vec![(0, 1 << 20)]);
+        dev.write(
+            backdoor_abi::reg::COMMAND,
+            &backdoor_abi::cmd::SEAL.to_le_bytes(),
+        );
+        assert!(shared.snapshot().sealed);
+
+        // A new agent on the same path gets the same guest RAM and the current table.
+        let second = UnixListener::bind(&path).unwrap();
+        let (vm, mem, table) = accept_within(&second);
+        assert_eq!(vm, "vm1");
+        assert!(
+            table.descriptor().sealed,
+            "the current table, not the first one"
+        );
+        let mut b = [0u8; 4];
+        assert!(mem.read(0x1000, &mut b));
+        assert_eq!(&b, b"kept", "the same memfd");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -99,8 +99,16 @@ impl HookTable {
         if updating.is_none() && self.hooks.len() >= MAX_HOOKS as usize {
             return Err(HookError::TooMany);
         }
+        // Ids are never reused within a generation: a guest that has cycled
+        // through 2^32 - 1 REGISTERs gets E_TOO_MANY rather than a wrapped,
+        // possibly duplicate id (found while writing fuzz/device_mmio's
+        // invariants; too slow a loop for the fuzzer itself to reach).
+        let id = match updating {
+            Some(id) => id,
+            None => self.next_id.checked_add(1).ok_or(HookError::TooMany)?,
+        };
         Ok(Hook {
-            id: updating.unwrap_or(self.next_id + 1),
+            id,
             gpa: d.gpa,
             len: d.len,
             kind,
@@ -246,6 +254,23 @@ mod tests {
             t.validate(&pb(0, 2 << 30, "x"), RAM, None),
             Err(HookError::TooLarge)
         );
+    }
+
+    #[test]
+    fn hook_ids_never_wrap_around() {
+        let mut t = HookTable::default();
+        let ram = [(0, 1 << 30)];
+        let first = t.register(&pb(0, 0x1000, "kept"), &ram).unwrap();
+        t.next_id = u32::MAX - 1;
+        assert_eq!(t.register(&pb(0x1000, 0x1000, "last"), &ram), Ok(u32::MAX));
+        t.unregister(u32::MAX).unwrap();
+        // The next id would wrap to 0 (then to `first`): refused instead.
+        assert_eq!(
+            t.register(&pb(0x2000, 0x1000, "wrapped"), &ram),
+            Err(HookError::TooMany)
+        );
+        assert_eq!(t.hooks().len(), 1);
+        assert_eq!(t.hooks()[0].id, first);
     }
 
     #[test]

@@ -14,7 +14,10 @@
  * The "control" REPAIR hook, written by a repair monitor:
  *   u64 @0   command: 1 hang spinning with interrupts off, 2 hang halted
  *            with interrupts off, 3 reset, 4 scribble over session 2's
- *            newest record (and stop advancing it)
+ *            newest record (and stop advancing it), 5 die in the middle of
+ *            writing session 1's next record (left with an odd seq; session
+ *            1 stops), 6 triple-fault, 7 try to change the sealed backdoor
+ *            (register, unregister, update, seal: each refused and counted)
  *   u64 @8   inbox doorbell: records delivered so far
  *   @64      inbox: up to 15 records of 256 bytes in the docs/abi.md format
  * Runs in ring 0, where cli and hlt are allowed.
@@ -211,6 +214,45 @@ static void scribble(void)
 	}
 }
 
+/* A writer that dies mid-write: seq odd, half the next version written. */
+static void tear(void)
+{
+	unsigned int i;
+
+	for (i = 0; i < nsessions; i++) {
+		struct session *s = &sessions[i];
+		struct bd_record *r;
+
+		if (s->id != 1 || s->frozen)
+			continue;
+		/* The slot the next version goes to; the other keeps the current. */
+		r = bd_sbox_slot(sbox, 2 * s->pair + ((s->version + 1) & 1));
+		*(volatile bd_u64 *)&r->seq = r->seq | 1;
+		__atomic_thread_fence(__ATOMIC_RELEASE);
+		r->version = s->version + 1;
+		r->stage = s->stage + 1;
+		s->frozen = true;
+		puts("svc: died writing session 1's next record\n");
+	}
+}
+
+/* Every command after the seal: each must be refused and counted. */
+static void tamper(unsigned long bd_base)
+{
+	unsigned int refused = 0;
+
+	bd_hook_desc_fill(&desc, bd_addr(sbox), PAGE, BD_KIND_REPAIR,
+			  BD_PERM_ALL, "backdoor-in");
+	refused += bd_hook_register(bd_base, &desc, NULL) == BD_E_SEALED;
+	refused += bd_hook_unregister(bd_base, 1) == BD_E_SEALED;
+	desc.id = 2;
+	refused += bd_hook_update(bd_base, &desc) == BD_E_SEALED;
+	refused += bd_seal(bd_base) == BD_E_SEALED;
+	puts("svc: tamper attempts refused: ");
+	print_dec(refused);
+	puts(" of 4\n");
+}
+
 static void __attribute__((noreturn)) hang(bd_u64 how)
 {
 	puts(how == 1 ? "svc: hanging with interrupts off (spinning)\n"
@@ -290,6 +332,18 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 		if (cmd == 4) {
 			control[0] = 0;
 			scribble();
+		}
+		if (cmd == 5) {
+			control[0] = 0;
+			tear();
+		}
+		if (cmd == 6) {
+			puts("svc: triple-faulting\n");
+			asm volatile("ud2"); /* no IDT: a triple fault */
+		}
+		if (cmd == 7) {
+			control[0] = 0;
+			tamper(bd_base);
 		}
 		bell = control[1];
 		/* The monitor writes records, then the doorbell: read in order. */

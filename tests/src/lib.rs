@@ -359,9 +359,14 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `bdvmm agent` with keys from `keys` and sockets in `dir`.
     pub fn start(dir: &Path, keys: &Path) -> Self {
+        Self::start_on(dir, keys, "127.0.0.1:0")
+    }
+
+    /// As [`AgentProcess::start`], listening for monitors on `listen`.
+    pub fn start_on(dir: &Path, keys: &Path, listen: &str) -> Self {
         let vmm_sock = dir.join("agent.sock");
         let mut child = Command::new(bdvmm_bin())
-            .args(["agent", "--listen", "127.0.0.1:0", "--keys"])
+            .args(["agent", "--listen", listen, "--keys"])
             .arg(keys)
             .arg("--vmm-sock")
             .arg(&vmm_sock)
@@ -396,11 +401,324 @@ impl AgentProcess {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs the agent and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a server that
+/// must come back on the same address after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
 }
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// bdctl against the shop service guest (images/guests/svc.c): shared by
+/// the monitor, fault-injection and load tests.
+pub mod shop {
+    use std::collections::BTreeMap;
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use backdoor_agent::{Client, Role};
+
+    use crate::{keys, Vm};
+
+    /// Generous timeout for anything a loaded CI machine may be slow at.
+    pub const T: Duration = Duration::from_secs(60);
+
+    /// svc's control commands (the "control" REPAIR hook, word 0).
+    pub mod cmd {
+        /// Hang spinning with interrupts off.
+        pub const SPIN: u64 = 1;
+        /// Hang halted with interrupts off.
+        pub const HALT: u64 = 2;
+        /// Reset through the i8042.
+        pub const RESET: u64 = 3;
+        /// Scribble over session 2's newest record.
+        pub const SCRIBBLE: u64 = 4;
+        /// Die mid-write of session 1's next record.
+        pub const TEAR: u64 = 5;
+        /// Triple-fault.
+        pub const TRIPLE_FAULT: u64 = 6;
+        /// Try to change the sealed backdoor.
+        pub const TAMPER: u64 = 7;
+    }
+
+    /// The `bdctl` binary next to `bdvmm`.
+    pub fn bdctl_bin() -> PathBuf {
+        crate::bdvmm_bin().with_file_name("bdctl")
+    }
+
+    /// Runs bdctl to completion: (code, stdout, stderr).
+    pub fn bdctl(args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(bdctl_bin())
+            .args(args)
+            .output()
+            .expect("run bdctl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// A running shop guest and where its backdoor is served.
+    #[derive(Debug)]
+    pub struct Shop {
+        /// The VM.
+        pub vm: Vm,
+        /// The agent's address.
+        pub addr: String,
+        /// The key file (both roles).
+        pub keys: PathBuf,
+        /// Scratch directory.
+        pub dir: tempfile::TempDir,
+    }
+
+    impl Shop {
+        /// `shop1@addr`.
+        pub fn target(&self) -> String {
+            format!("shop1@{}", self.addr)
+        }
+
+        /// Writes `cmd` into the guest's control hook.
+        pub fn control(&self, cmd: u64) {
+            control(&self.addr, cmd);
+        }
+    }
+
+    /// Writes `cmd` into the control hook of the shop served at `addr`.
+    pub fn control(addr: &str, cmd: u64) {
+        let mut c = Client::connect(addr, "shop1", Role::Repair, &keys::REPAIR, T).unwrap();
+        let id = c.descriptor().hook("control").expect("control hook").id;
+        c.write(id, 0, &cmd.to_le_bytes()).unwrap();
+    }
+
+    /// The shop service in ring 0 (so it can hang with interrupts off), with the in-process agent.
+    pub fn shop(extra: &[&str]) -> Shop {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys::write_file(dir.path());
+        let mut args = vec![
+            "--name",
+            "shop1",
+            "--backdoor-listen",
+            "127.0.0.1:0",
+            "--backdoor-keys",
+            k.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut vm = Vm::test_guest("svc", 0, &args);
+        vm.wait_line("svc: serving sessions", T);
+        let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
+        Shop {
+            vm,
+            addr,
+            keys: k,
+            dir,
+        }
+    }
+
+    /// `bdctl watch --json` in the background; its events arrive on a channel.
+    #[derive(Debug)]
+    pub struct Watch {
+        /// The bdctl process.
+        pub child: Child,
+        events: mpsc::Receiver<(Instant, serde_json::Value)>,
+    }
+
+    impl Watch {
+        /// Starts `bdctl watch --json --key-file KEYS TARGET ARGS`.
+        pub fn start(target: &str, keys: &Path, args: &[&str]) -> Self {
+            let mut child = Command::new(bdctl_bin())
+                .args(["watch", "--json", "--key-file"])
+                .arg(keys)
+                .arg(target)
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start bdctl watch");
+            let out = child.stdout.take().unwrap();
+            let (tx, events) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
+                    if tx.send((Instant::now(), v)).is_err() {
+                        break;
+                    }
+                }
+            });
+            Self { child, events }
+        }
+
+        /// Waits for an event matching `pred`; panics with everything seen on timeout.
+        pub fn wait(
+            &self,
+            what: &str,
+            timeout: Duration,
+            pred: impl Fn(&serde_json::Value) -> bool,
+        ) -> (Instant, serde_json::Value) {
+            let deadline = Instant::now() + timeout;
+            let mut seen = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.events.recv_timeout(left) {
+                    Ok((t, v)) if pred(&v) => return (t, v),
+                    Ok((_, v)) => seen.push(v),
+                    Err(_) => panic!("no {what} event within {timeout:?}; saw {seen:?}"),
+                }
+            }
+        }
+
+        /// Waits for verdict `v`.
+        pub fn verdict(&self, v: &'static str, timeout: Duration) -> (Instant, serde_json::Value) {
+            self.wait(v, timeout, move |e| {
+                e["event"] == "verdict" && e["verdict"] == v
+            })
+        }
+
+        /// Every event that arrives within `d`.
+        pub fn collect(&self, d: Duration) -> Vec<serde_json::Value> {
+            let deadline = Instant::now() + d;
+            let mut out = Vec::new();
+            while let Ok((_, v)) = self
+                .events
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                out.push(v);
+            }
+            out
+        }
+
+        /// bdctl's pid.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+    }
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// `bdctl extract TARGET --out OUT`: the extraction and bdctl's stderr.
+    pub fn extract(target: &str, keys: &Path, out: &Path) -> (serde_json::Value, String) {
+        let (code, _, err) = bdctl(&[
+            "extract",
+            target,
+            "--key-file",
+            keys.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        (
+            serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap(),
+            err,
+        )
+    }
+
+    /// The shop's sessions 1..=3, each consistent with its own arithmetic.
+    pub fn assert_three_consistent_sessions(x: &serde_json::Value) {
+        let sessions = x["sessions"].as_array().unwrap();
+        let ids: Vec<u64> = sessions
+            .iter()
+            .map(|s| s["session_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3], "{x}");
+        for s in sessions {
+            let (id, stage) = (
+                s["session_id"].as_u64().unwrap(),
+                s["stage"].as_u64().unwrap(),
+            );
+            let total = id * stage * (stage + 1) / 2;
+            assert_eq!(
+                s["payload_text"].as_str().unwrap(),
+                format!("items={stage} total={total}"),
+                "{s}"
+            );
+        }
+    }
+
+    /// The session counters (owner → value) of the shop served at `addr`,
+    /// read over the backdoor. svc saves a session's record before it
+    /// bumps its counter, so a counter's value is a stage the guest has
+    /// committed.
+    pub fn session_counters(addr: &str) -> BTreeMap<u64, u64> {
+        let mut c = Client::connect(addr, "shop1", Role::Read, &keys::READ, T).unwrap();
+        let h = c
+            .descriptor()
+            .hook("progress")
+            .expect("progress hook")
+            .clone();
+        let b = c.read(h.id, 0, u32::try_from(h.len).unwrap()).unwrap();
+        let line = backdoor_abi::LINE;
+        b[line..]
+            .chunks_exact(line)
+            .map(|l| backdoor_abi::Counter::from_bytes(l.try_into().unwrap()))
+            .filter(|c| {
+                backdoor_abi::decode_name(&c.name).is_some_and(|n| n.starts_with("session-"))
+                    && c.state() == Some(backdoor_abi::CounterState::Active)
+            })
+            .map(|c| (u64::from(c.owner), c.value))
+            .collect()
+    }
+
+    /// Waits until every active session of the shop at `addr` has
+    /// committed at least one step, so a fault never hits an idle start.
+    pub fn wait_sessions_advance(addr: &str) {
+        let deadline = Instant::now() + T;
+        loop {
+            let c = session_counters(addr);
+            if c.len() >= 3 && c.values().all(|&v| v > 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sessions never advanced: {c:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Nothing the guest committed is lost: every session whose counter
+    /// says it committed stage S is extracted at stage S or later (svc
+    /// saves before it bumps), consistent with its own arithmetic.
+    pub fn assert_nothing_lost(x: &serde_json::Value, committed: &BTreeMap<u64, u64>) {
+        assert_three_consistent_sessions(x);
+        for s in x["sessions"].as_array().unwrap() {
+            let id = s["session_id"].as_u64().unwrap();
+            let stage = s["stage"].as_u64().unwrap();
+            let c = committed.get(&id).copied().unwrap_or(0);
+            assert!(
+                stage == c || stage == c + 1,
+                "session {id}: the guest committed stage {c}, extraction has {stage}: {x}"
+            );
+        }
+        assert!(
+            committed.values().any(|&v| v > 0),
+            "the sessions never advanced: {committed:?}"
+        );
     }
 }

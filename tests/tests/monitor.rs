@@ -4,198 +4,16 @@
 //! hung, halted and VMM-less guests, and corrupt records skipped.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backdoor_agent::{Client, Role};
+use bdvmm_tests::shop::{
+    assert_three_consistent_sessions, bdctl, bdctl_bin, extract, shop, Watch, T,
+};
 use bdvmm_tests::{exit, keys, repo_root, AgentProcess, Vm};
 
-const T: Duration = Duration::from_secs(60);
 /// The svc guest's OS-level counter deadline (its "kernel" counter).
 const KERNEL_DEADLINE_MS: u64 = 500;
-
-fn bdctl_bin() -> PathBuf {
-    bdvmm_tests::bdvmm_bin().with_file_name("bdctl")
-}
-
-struct Shop {
-    vm: Vm,
-    addr: String,
-    keys: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Shop {
-    fn target(&self) -> String {
-        format!("shop1@{}", self.addr)
-    }
-
-    fn control(&self, cmd: u64) {
-        let mut c = Client::connect(
-            self.addr.as_str(),
-            "shop1",
-            Role::Repair,
-            &keys::REPAIR,
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        let id = c.descriptor().hook("control").expect("control hook").id;
-        c.write(id, 0, &cmd.to_le_bytes()).unwrap();
-    }
-}
-
-/// The shop service in ring 0 (so it can hang with interrupts off), with the in-process agent.
-fn shop(extra: &[&str]) -> Shop {
-    let dir = tempfile::tempdir().unwrap();
-    let k = keys::write_file(dir.path());
-    let mut args = vec![
-        "--name",
-        "shop1",
-        "--backdoor-listen",
-        "127.0.0.1:0",
-        "--backdoor-keys",
-        k.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut vm = Vm::test_guest("svc", 0, &args);
-    vm.wait_line("svc: serving sessions", T);
-    let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
-    Shop {
-        vm,
-        addr,
-        keys: k,
-        _dir: dir,
-    }
-}
-
-/// `bdctl watch --json` in the background; its events arrive on a channel.
-struct Watch {
-    child: Child,
-    events: mpsc::Receiver<(Instant, serde_json::Value)>,
-}
-
-impl Watch {
-    fn start(target: &str, keys: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(bdctl_bin())
-            .args(["watch", "--json", "--key-file"])
-            .arg(keys)
-            .arg(target)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start bdctl watch");
-        let out = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
-                if tx.send((Instant::now(), v)).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, events }
-    }
-
-    /// Waits for an event matching `pred`; panics with everything seen on timeout.
-    fn wait(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> (Instant, serde_json::Value) {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok((t, v)) if pred(&v) => return (t, v),
-                Ok((_, v)) => seen.push(v),
-                Err(_) => panic!("no {what} event within {timeout:?}; saw {seen:?}"),
-            }
-        }
-    }
-
-    fn verdict(&self, v: &'static str, timeout: Duration) -> (Instant, serde_json::Value) {
-        self.wait(v, timeout, move |e| {
-            e["event"] == "verdict" && e["verdict"] == v
-        })
-    }
-
-    /// Every event that arrives within `d`.
-    fn collect(&self, d: Duration) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + d;
-        let mut out = Vec::new();
-        while let Ok((_, v)) = self
-            .events
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            out.push(v);
-        }
-        out
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bdctl(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bdctl_bin())
-        .args(args)
-        .output()
-        .expect("run bdctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn extract(target: &str, keys: &Path, out: &Path) -> (serde_json::Value, String) {
-    let (code, _, err) = bdctl(&[
-        "extract",
-        target,
-        "--key-file",
-        keys.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    (
-        serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap(),
-        err,
-    )
-}
-
-/// The shop's sessions 1..=3, each consistent with its own arithmetic.
-fn assert_three_consistent_sessions(x: &serde_json::Value) {
-    let sessions = x["sessions"].as_array().unwrap();
-    let ids: Vec<u64> = sessions
-        .iter()
-        .map(|s| s["session_id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![1, 2, 3], "{x}");
-    for s in sessions {
-        let (id, stage) = (
-            s["session_id"].as_u64().unwrap(),
-            s["stage"].as_u64().unwrap(),
-        );
-        let total = id * stage * (stage + 1) / 2;
-        assert_eq!(
-            s["payload_text"].as_str().unwrap(),
-            format!("items={stage} total={total}"),
-            "{s}"
-        );
-    }
-}
 
 #[test]
 fn a_hang_is_detected_within_the_deadline_plus_two_intervals() {
@@ -283,7 +101,7 @@ fn extraction_works_from_paused_hung_and_halted_guests() {
             s.vm.wait_line("svc: hanging with interrupts off", T);
         }
         let before = s.vm.api("exits");
-        let out = s._dir.path().join("x.json");
+        let out = s.dir.path().join("x.json");
         let (x, summary) = extract(&s.target(), &s.keys, &out);
         assert_three_consistent_sessions(&x);
         assert_eq!(x["summary"]["corrupt"], 0, "{mode}: {summary}");
@@ -326,7 +144,7 @@ fn corrupt_records_are_reported_and_skipped_and_the_rest_extracted() {
     s.control(4); // the guest scribbles over session 2's newest record
     let mut vm = s.vm;
     vm.wait_line("svc: scribbled over session 2", T);
-    let out = s._dir.path().join("x.json");
+    let out = s.dir.path().join("x.json");
     let (code, _, err) = bdctl(&[
         "extract",
         &format!("shop1@{}", s.addr),

@@ -55,6 +55,11 @@ pub enum Corruption {
     },
     /// The service name is not printable ASCII.
     BadService,
+    /// The slot is shorter than a record header (a caller's bad slot size).
+    SlotTooSmall {
+        /// The slot's length.
+        len: usize,
+    },
 }
 
 /// The outcome of reading one slot.
@@ -111,7 +116,11 @@ pub fn read_slot(src: &impl SlotSource, max_retries: u32) -> ReadOutcome {
 /// Validates a copy of a slot taken at seqlock value `seq` (already known
 /// even and unchanged across the copy): payload bound, CRC, service name.
 pub fn validate(buf: &[u8], seq: u64) -> Result<Record, Corruption> {
-    let hdr = RecordHeader::from_bytes(buf[..LINE].try_into().expect("slot >= 64 bytes"));
+    // Found by fuzz/records: a slot shorter than the header used to panic.
+    let Some(head) = buf.first_chunk::<LINE>() else {
+        return Err(Corruption::SlotTooSmall { len: buf.len() });
+    };
+    let hdr = RecordHeader::from_bytes(head);
     let max = u32::try_from(buf.len() - LINE).unwrap_or(u32::MAX);
     if hdr.payload_len > max {
         return Err(Corruption::PayloadTooLong {
@@ -248,6 +257,25 @@ mod tests {
 
     fn slot(words: usize) -> Vec<AtomicU64> {
         (0..words).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    /// Regression (fuzz/records, crash-da39a3ee): slots shorter than a
+    /// record header are corrupt, not a panic, directly and through the
+    /// seqlock reader.
+    #[test]
+    fn slots_shorter_than_a_header_are_corrupt_not_a_panic() {
+        for len in [0usize, 1, 8, 63] {
+            assert_eq!(
+                validate(&vec![0u8; len], 2),
+                Err(Corruption::SlotTooSmall { len })
+            );
+        }
+        let s = slot(7); // 56 bytes, even seq
+        s[0].store(2, Ordering::SeqCst);
+        assert_eq!(
+            read_slot(&LocalSlot::new(&s), 1),
+            ReadOutcome::Corrupt(Corruption::SlotTooSmall { len: 56 })
+        );
     }
 
     #[test]

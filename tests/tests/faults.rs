@@ -1,0 +1,327 @@
+//! The fault-injection matrix (docs/RELIABILITY.md): each test injects
+//! one fault into a watched shop guest (images/guests/svc.c) and checks
+//! the monitor's verdict and that nothing the guest had committed is lost
+//! (every session extracted at the stage its counter says it committed,
+//! consistent with its own arithmetic). Cells covered elsewhere: a cut
+//! network path and corrupt records (monitor.rs), malformed frames
+//! (agent.rs). `make faults FAULT_RUNS=N` repeats this file N times.
+
+use std::path::Path;
+use std::time::Duration;
+
+use backdoor_agent::{Client, ClientError, ErrorCode, Role};
+use bdvmm_tests::shop::{
+    assert_nothing_lost, bdctl, cmd, control, extract, session_counters, shop,
+    wait_sessions_advance, Watch, T,
+};
+use bdvmm_tests::{exit, free_port, keys, AgentProcess, Vm};
+
+const WATCH: [&str; 4] = ["--interval-ms", "50", "--timeout-ms", "500"];
+
+/// Extracts from `addr` and checks it against the guest's counters (the
+/// guest must be stopped: paused, hung, or without a VMM).
+fn extract_and_check(addr: &str, keys: &Path, dir: &Path) -> serde_json::Value {
+    let committed = session_counters(addr);
+    let (x, _) = extract(&format!("shop1@{addr}"), keys, &dir.join("x.json"));
+    assert_nothing_lost(&x, &committed);
+    x
+}
+
+fn assert_hung_os(e: &serde_json::Value) {
+    assert_eq!(
+        (e["level"].as_str(), e["counter"].as_str()),
+        (Some("os"), Some("kernel")),
+        "{e}"
+    );
+}
+
+#[test]
+fn paused_spinning_and_halted_guests_are_hung_at_os_level_and_lose_nothing() {
+    for (mode, command) in [
+        ("paused", 0),
+        ("spinning", cmd::SPIN),
+        ("halted", cmd::HALT),
+    ] {
+        let mut s = shop(&[]);
+        let w = Watch::start(&s.target(), &s.keys, &WATCH);
+        w.verdict("healthy", T);
+        wait_sessions_advance(&s.addr);
+        if command == 0 {
+            assert_eq!(s.vm.api("pause")["ok"], true);
+        } else {
+            s.control(command);
+            s.vm.wait_line("svc: hanging with interrupts off", T);
+        }
+        let (_, e) = w.verdict("hung", T);
+        assert_hung_os(&e);
+        let x = extract_and_check(&s.addr, &s.keys, s.dir.path());
+        assert_eq!(x["summary"]["corrupt"], 0, "{mode}: {x}");
+        // A pause can freeze the guest in the middle of a record write: that
+        // slot is torn, and its session comes from the previous version.
+        // A hang in svc's loop happens between writes.
+        let torn_max = if command == 0 { 1 } else { 0 };
+        assert!(
+            x["summary"]["torn"].as_u64().unwrap() <= torn_max,
+            "{mode}: {x}"
+        );
+    }
+}
+
+/// svc under a separate `bdvmm agent` on `listen`.
+fn shop_with_agent(dir: &Path, keys: &Path, listen: &str, extra: &[&str]) -> (AgentProcess, Vm) {
+    let agent = AgentProcess::start_on(dir, keys, listen);
+    let sock = agent.vmm_sock.to_str().unwrap().to_owned();
+    let mut args = vec!["--name", "shop1", "--agent-sock", &sock];
+    args.extend_from_slice(extra);
+    let mut vm = Vm::test_guest("svc", 0, &args);
+    vm.wait_line("svc: serving sessions", T);
+    (agent, vm)
+}
+
+#[test]
+fn a_guest_whose_vmm_is_sigkilled_or_that_triple_faults_is_hung_and_loses_nothing() {
+    for fault in ["vmm-sigkill", "triple-fault"] {
+        let dir = tempfile::tempdir().unwrap();
+        let k = keys::write_file(dir.path());
+        let (agent, mut vm) = shop_with_agent(dir.path(), &k, "127.0.0.1:0", &[]);
+        let w = Watch::start(&format!("shop1@{}", agent.addr), &k, &WATCH);
+        w.verdict("healthy", T);
+        wait_sessions_advance(&agent.addr);
+        if fault == "vmm-sigkill" {
+            vm.signal(libc::SIGKILL);
+            assert_eq!(vm.wait_exit(T), None, "killed by a signal");
+        } else {
+            control(&agent.addr, cmd::TRIPLE_FAULT);
+            assert_eq!(vm.wait_exit(T), Some(exit::TRIPLE_FAULT), "{}", vm.stderr());
+        }
+        // The agent still serves the guest's memory; nothing runs it any more.
+        let (_, e) = w.verdict("hung", T);
+        assert_hung_os(&e);
+        let mut c =
+            Client::connect(agent.addr.as_str(), "shop1", Role::Read, &keys::READ, T).unwrap();
+        let deadline = std::time::Instant::now() + T;
+        while c.describe().unwrap().vmm_alive {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{fault}: vmm_alive stays true"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        extract_and_check(&agent.addr, &k, dir.path());
+    }
+}
+
+#[test]
+fn a_restarted_agent_serves_the_same_guest_and_watching_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (agent, mut vm) = shop_with_agent(dir.path(), &k, &listen, &[]);
+    let w = Watch::start(&format!("shop1@{listen}"), &k, &WATCH);
+    let (_, first) = w.verdict("healthy", T);
+    agent.kill();
+    let (_, e) = w.verdict("unreachable", T);
+    assert!(e["reason"].is_string(), "{e}");
+    // Longer than the kernel counter's deadline without an agent: never "hung".
+    let during = w.collect(Duration::from_secs(2));
+    assert!(during.iter().all(|e| e["verdict"] != "hung"), "{during:?}");
+    // A new agent on the same sockets: bdvmm hands it guest RAM again.
+    let agent = AgentProcess::start_on(dir.path(), &k, &listen);
+    let (_, again) = w.verdict("healthy", T);
+    assert_eq!(again["generation"], first["generation"], "the same boot");
+    wait_sessions_advance(&listen);
+    // bdvmm says so (its log line may trail the agent's first answer).
+    let deadline = std::time::Instant::now() + T;
+    while !vm.stderr().contains("agent link re-established") {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    control(&listen, cmd::SPIN);
+    vm.wait_line("svc: hanging with interrupts off", T);
+    let (_, e) = w.verdict("hung", T);
+    assert_hung_os(&e);
+    extract_and_check(&listen, &k, dir.path());
+    drop(agent);
+}
+
+#[test]
+fn a_restarted_monitor_judges_afresh_and_still_detects_the_hang() {
+    let mut s = shop(&[]);
+    let first = Watch::start(&s.target(), &s.keys, &WATCH);
+    first.verdict("healthy", T);
+    drop(first); // SIGKILLed mid-watch
+    let second = Watch::start(&s.target(), &s.keys, &WATCH);
+    let (_, e) = second.wait("first verdict", T, |e| e["event"] == "verdict");
+    assert_eq!(
+        e["verdict"], "healthy",
+        "no false alarm after a restart: {e}"
+    );
+    wait_sessions_advance(&s.addr);
+    s.control(cmd::SPIN);
+    s.vm.wait_line("svc: hanging with interrupts off", T);
+    let (_, e) = second.verdict("hung", T);
+    assert_hung_os(&e);
+    extract_and_check(&s.addr, &s.keys, s.dir.path());
+}
+
+#[test]
+fn a_guest_reset_mid_watch_gives_stale_generation_never_old_data() {
+    let s = shop(&["--on-reset", "reboot"]);
+    let w = Watch::start(&s.target(), &s.keys, &WATCH);
+    let (_, first) = w.verdict("healthy", T);
+    let mut old = Client::connect(s.addr.as_str(), "shop1", Role::Read, &keys::READ, T).unwrap();
+    let progress = old.descriptor().hook("progress").unwrap().id;
+    s.control(cmd::RESET);
+    let (_, r) = w.wait("rebooted", T, |e| e["event"] == "rebooted");
+    assert_eq!(r["from"], first["generation"]);
+    // A monitor still on the old generation is refused, never served the new boot's bytes.
+    let e = old.read(progress, 0, 64).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StaleGeneration), "{e}");
+    assert_eq!(
+        serde_json::json!(old.describe().unwrap().generation),
+        r["to"]
+    );
+    w.wait("healthy after reboot", T, |e| {
+        e["verdict"] == "healthy" && e["generation"] == r["to"]
+    });
+    // The new boot's sessions advance before the guest is stopped.
+    wait_sessions_advance(&s.addr);
+    assert_eq!(s.vm.api("pause")["ok"], true);
+    let x = extract_and_check(&s.addr, &s.keys, s.dir.path());
+    assert_eq!(x["generation"], r["to"]);
+}
+
+#[test]
+fn a_record_torn_mid_write_is_reported_and_its_previous_version_extracted() {
+    let mut s = shop(&[]);
+    let w = Watch::start(&s.target(), &s.keys, &WATCH);
+    w.verdict("healthy", T);
+    wait_sessions_advance(&s.addr);
+    s.control(cmd::TEAR);
+    s.vm.wait_line("svc: died writing session 1's next record", T);
+    // Session 1's writer is gone: its counter stops, the rest go on.
+    let (_, e) = w.verdict("hung", T);
+    assert_eq!(
+        (e["level"].as_str(), e["counter"].as_str()),
+        (Some("session"), Some("session-1")),
+        "{e}"
+    );
+    assert_eq!(s.vm.api("pause")["ok"], true);
+    let x = extract_and_check(&s.addr, &s.keys, s.dir.path());
+    assert_eq!(x["summary"]["torn"], 1, "{x}");
+    assert_eq!(x["summary"]["corrupt"], 0, "{x}");
+    let torn: Vec<_> = x["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["kind"] == "torn")
+        .collect();
+    assert_eq!(torn.len(), 1, "{x}");
+}
+
+#[test]
+fn tamper_attempts_after_the_seal_are_refused_counted_and_reported() {
+    let mut s = shop(&[]);
+    let w = Watch::start(&s.target(), &s.keys, &WATCH);
+    w.verdict("healthy", T);
+    let mut c = Client::connect(s.addr.as_str(), "shop1", Role::Read, &keys::READ, T).unwrap();
+    let before = c.descriptor().hooks.clone();
+    s.control(cmd::TAMPER);
+    s.vm.wait_line("svc: tamper attempts refused: 4 of 4", T);
+    let (_, e) = w.wait("tampered", T, |e| e["event"] == "tampered");
+    assert_eq!(
+        (e["from"].as_u64(), e["to"].as_u64()),
+        (Some(0), Some(4)),
+        "{e}"
+    );
+    let d = c.describe().unwrap().clone();
+    assert_eq!((d.sealed, d.tamper_count), (true, 4));
+    assert_eq!(d.hooks, before, "the sealed table did not change");
+    assert_eq!(s.vm.api("backdoor")["tamper_count"], 4);
+    // Tampering is reported, and the guest, still running, is not hung.
+    let after = w.collect(Duration::from_secs(1));
+    assert!(after.iter().all(|e| e["verdict"] != "hung"), "{after:?}");
+    assert_eq!(s.vm.api("pause")["ok"], true);
+    extract_and_check(&s.addr, &s.keys, s.dir.path());
+}
+
+#[test]
+fn wrong_keys_are_refused_and_the_target_is_unreachable_never_hung() {
+    let s = shop(&[]);
+    let wrong = s.dir.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        "read = \"ffeeddccbbaa99887766554433221100\"\nrepair = \"00112233445566778899aabbccddeeff\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = bdctl(&["status", &s.target(), "--key-file", wrong.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("failed to prove it knows the key"), "{err}");
+    let (code, _, err) = bdctl(&[
+        "write",
+        &s.target(),
+        "--key-file",
+        wrong.to_str().unwrap(),
+        "control",
+        "0",
+        "0100000000000000",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    let w = Watch::start(&s.target(), &wrong, &WATCH);
+    let (_, e) = w.verdict("unreachable", T);
+    assert!(
+        e["reason"].as_str().unwrap().contains("prove"),
+        "the reason names the key problem: {e}"
+    );
+    let during = w.collect(Duration::from_secs(1));
+    assert!(during.iter().all(|e| e["verdict"] != "hung"), "{during:?}");
+    // The guest never saw the wrong-key write: it is still serving.
+    assert_eq!(s.vm.api("pause")["ok"], true);
+    extract_and_check(&s.addr, &s.keys, s.dir.path());
+}
+
+#[test]
+fn a_read_monitor_cannot_write_cas_or_faa_and_the_guest_never_notices() {
+    let s = shop(&[]);
+    let w = Watch::start(&s.target(), &s.keys, &WATCH);
+    w.verdict("healthy", T);
+    let mut r = Client::connect(s.addr.as_str(), "shop1", Role::Read, &keys::READ, T).unwrap();
+    let control_hook = r.descriptor().hook("control").unwrap().id;
+    // Each would hang the guest (command 1) if it got through.
+    let refused = |res: Result<u64, ClientError>| {
+        assert_eq!(res.unwrap_err().code(), Some(ErrorCode::Forbidden));
+    };
+    assert_eq!(
+        r.write(control_hook, 0, &cmd::SPIN.to_le_bytes())
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::Forbidden)
+    );
+    refused(r.cas(control_hook, 0, 0, cmd::SPIN));
+    refused(r.faa(control_hook, 0, cmd::SPIN));
+    // bdctl with a key file that holds only the read key cannot even try.
+    let read_only = s.dir.path().join("read-only.toml");
+    std::fs::write(&read_only, "read = \"000102030405060708090a0b0c0d0e0f\"\n").unwrap();
+    let (code, _, err) = bdctl(&[
+        "cas",
+        &s.target(),
+        "--key-file",
+        read_only.to_str().unwrap(),
+        "control",
+        "0",
+        "0",
+        "1",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no repair key"), "{err}");
+    assert_eq!(
+        r.read(control_hook, 0, 8).unwrap(),
+        0u64.to_le_bytes(),
+        "the control word is untouched"
+    );
+    let after = w.collect(Duration::from_secs(1));
+    assert!(after.iter().all(|e| e["verdict"] != "hung"), "{after:?}");
+    assert!(!s.vm.console().contains("hanging"), "{}", s.vm.console());
+    assert_eq!(s.vm.api("pause")["ok"], true);
+    extract_and_check(&s.addr, &s.keys, s.dir.path());
+}
