@@ -2,6 +2,7 @@
 //! figure measured in the same run as its baseline and given as a ratio;
 //! the result is `BENCHMARKS.md`, `benchmarks.json` and SVG plots.
 
+pub mod affinity;
 pub mod detection;
 pub mod extraction;
 pub mod fake_guest;
