@@ -10,12 +10,12 @@
 //! hardware virtualization exists and otherwise skips with its reason.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use bdvmm_tests::shop::{bdctl, Watch};
 use bdvmm_tests::{exit, has_hardware_virtualization, keys, repo_root, AgentProcess, Vm};
 
 /// What build-image.sh prints.
@@ -352,75 +352,6 @@ fn guest_image_kernel_gets_its_initramfs_and_command_line_from_bdvmm() {
     let len = parse(hi) + 1 - parse(lo);
     let size = std::fs::metadata(&image.initrd).unwrap().len();
     assert_eq!(len, size.div_ceil(4096) * 4096, "{ramdisk}");
-}
-
-fn bdctl_bin() -> PathBuf {
-    bdvmm_tests::bdvmm_bin().with_file_name("bdctl")
-}
-
-fn bdctl(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(bdctl_bin())
-        .args(args)
-        .output()
-        .expect("run bdctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `bdctl watch --json` in the background; its events arrive on a channel.
-struct Watch {
-    child: Child,
-    events: mpsc::Receiver<(Instant, serde_json::Value)>,
-}
-
-impl Watch {
-    fn start(target: &str, keys: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(bdctl_bin())
-            .args(["watch", "--json", "--key-file"])
-            .arg(keys)
-            .arg(target)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start bdctl watch");
-        let out = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
-                if tx.send((Instant::now(), v)).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, events }
-    }
-
-    /// Waits for a verdict event `v`; panics with everything seen on timeout.
-    fn verdict(&self, v: &str, timeout: Duration) -> (Instant, serde_json::Value) {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok((t, e)) if e["event"] == "verdict" && e["verdict"] == v => return (t, e),
-                Ok((_, e)) => seen.push(e),
-                Err(_) => panic!("no {v} verdict within {timeout:?}; saw {seen:?}"),
-            }
-        }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `BDIMG: session <id> version <v> keys <k>` lines of the primary's console.
