@@ -30,9 +30,9 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
     let (vm, mem, table) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
     eprintln!("bdvmm agent: serving the backdoor of {vm}");
     let source: Arc<dyn DescriptorSource> = table;
-    let agent = Agent::new(vm, keys, mem.clone(), source)
+    let agent = Agent::new(vm, keys, mem.clone(), source.clone())
         .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us));
-    let agent = Arc::new(with_verbs(agent, mem));
+    let agent = Arc::new(with_verbs(agent, mem, &source));
     let handle = agent.serve(tcp).map_err(|e| e.to_string())?;
     let _ = handle.join();
     Ok(())
@@ -40,17 +40,56 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
 
 /// Adds the RDMA verbs backend when bdvmm was built with it and a device
 /// exists; otherwise says why the soft backend serves alone.
-pub fn with_verbs(agent: Agent, mem: Arc<backdoor_agent::GuestMemory>) -> Agent {
+pub fn with_verbs(
+    agent: Agent,
+    mem: Arc<backdoor_agent::GuestMemory>,
+    source: &Arc<dyn DescriptorSource>,
+) -> Agent {
     #[cfg(feature = "verbs")]
     {
         match backdoor_agent::verbs::VerbsBackend::open(mem, None) {
-            Ok(v) => return agent.with_verbs(Arc::new(v)),
+            Ok(v) => {
+                let v = Arc::new(v);
+                revoke_on_reboot(v.clone(), source.clone());
+                return agent.with_verbs(v);
+            }
             Err(e) => eprintln!(
                 "bdvmm: RDMA verbs backend unavailable ({e}); serving the soft backend only"
             ),
         }
     }
     #[cfg(not(feature = "verbs"))]
-    let _ = mem;
+    let _ = (mem, source);
     agent
+}
+
+/// How soon after a guest reset its old memory regions and queue pairs
+/// stop working.
+#[cfg(feature = "verbs")]
+const REVOKE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A NIC serves registered regions without asking the agent, so a
+/// rebooted guest's old rkeys would keep reading pages that now hold
+/// something else: when the generation changes, drop them at once.
+#[cfg(feature = "verbs")]
+fn revoke_on_reboot(
+    verbs: Arc<backdoor_agent::verbs::VerbsBackend>,
+    source: Arc<dyn DescriptorSource>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("bd-verbs-revoke".into())
+        .spawn(move || {
+            let mut generation = source.descriptor().generation;
+            loop {
+                std::thread::sleep(REVOKE_CHECK);
+                let d = source.descriptor();
+                if d.generation != generation {
+                    generation = d.generation;
+                    verbs.refresh(&d);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("bdvmm: cannot watch for guest resets ({e}); old RDMA regions live until the next connect");
+    }
 }

@@ -171,9 +171,9 @@ impl Vmm {
                 .map_err(|e| agent_err(&e))?
                 .to_string();
             let source: Arc<dyn DescriptorSource> = self.backdoor.clone();
-            let agent = Agent::new(self.config.name.clone(), keys, mem.clone(), source)
+            let agent = Agent::new(self.config.name.clone(), keys, mem.clone(), source.clone())
                 .with_busy_poll(self.config.agent_busy_poll);
-            let agent = Arc::new(crate::agent_process::with_verbs(agent, mem));
+            let agent = Arc::new(crate::agent_process::with_verbs(agent, mem, &source));
             agent.serve(listener).map_err(|e| agent_err(&e))?;
             eprintln!(
                 "bdvmm: backdoor agent for {} listening on {bound}",
