@@ -722,3 +722,68 @@ pub mod shop {
         );
     }
 }
+
+/// Checking a C header of `guest-driver/include` against its Rust mirror:
+/// gcc compiles a program that includes it and prints the value of every
+/// expression (a size, an offset, a constant), which the test compares
+/// with what Rust says.
+pub mod c_header {
+    use std::collections::BTreeMap;
+    use std::process::Command;
+
+    /// The value of each of `exprs` in a program compiled with
+    /// `gcc -std=STD -Wall -Wextra -Werror` after `prelude` (its
+    /// `#include`s); panics if the program does not compile cleanly.
+    pub fn values(std: &str, prelude: &str, exprs: &[&str]) -> BTreeMap<String, u64> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut c = format!("#include <stdio.h>\n{prelude}\nint main(void)\n{{\n");
+        for e in exprs {
+            // {e:?}: Rust's escaping is C's for the ASCII of an expression.
+            c += &format!("\tprintf(\"%s=%llu\\n\", {e:?}, (unsigned long long)({e}));\n");
+        }
+        c += "\treturn 0;\n}\n";
+        let src = dir.path().join("layout.c");
+        let bin = dir.path().join("layout");
+        std::fs::write(&src, c).expect("write the C program");
+        let out = Command::new("gcc")
+            .arg(format!("-std={std}"))
+            .args(["-Wall", "-Wextra", "-Werror", "-I"])
+            .arg(super::repo_root().join("guest-driver/include"))
+            .arg(&src)
+            .arg("-o")
+            .arg(&bin)
+            .output()
+            .expect("run gcc");
+        assert!(
+            out.status.success(),
+            "the header does not compile cleanly:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run = Command::new(&bin).output().expect("run the C program");
+        String::from_utf8(run.stdout)
+            .expect("utf-8 output")
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once('=')?;
+                Some((k.to_owned(), v.parse().expect("a number")))
+            })
+            .collect()
+    }
+
+    /// Compiles `prelude` with `exp`'s expressions and panics listing every
+    /// one whose C value differs from the Rust value beside it.
+    pub fn assert_agree(what: &str, std: &str, prelude: &str, exp: &[(&str, u64)]) {
+        let exprs: Vec<&str> = exp.iter().map(|(e, _)| *e).collect();
+        let c = values(std, prelude, &exprs);
+        let mismatches: Vec<String> = exp
+            .iter()
+            .filter(|(e, v)| c.get(*e) != Some(v))
+            .map(|(e, v)| format!("{e}: C says {:?}, Rust says {v}", c.get(*e)))
+            .collect();
+        assert!(
+            mismatches.is_empty(),
+            "{what} mismatches:\n{}",
+            mismatches.join("\n")
+        );
+    }
+}

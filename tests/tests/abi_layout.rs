@@ -2,12 +2,10 @@
 //! `backdoor-abi` describe the same ABI: gcc compiles the header and
 //! prints every size, offset and constant; each must equal Rust's.
 
-use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
-use std::process::Command;
 
 use backdoor_abi::*;
-use bdvmm_tests::repo_root;
+use bdvmm_tests::c_header;
 
 /// (C expression, value Rust says it has).
 fn expectations() -> Vec<(&'static str, u64)> {
@@ -121,46 +119,10 @@ fn expectations() -> Vec<(&'static str, u64)> {
 
 #[test]
 fn c_header_and_rust_crate_agree_on_every_size_offset_and_constant() {
-    let exp = expectations();
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = String::from("#include <stdio.h>\n#include \"backdoor_abi.h\"\n#ifndef BD_DEV_MAGIC_VALUE\n#define BD_DEV_MAGIC_VALUE BD_DEV_MAGIC\n#endif\nint main(void)\n{\n");
-    for (expr, _) in &exp {
-        c += &format!("\tprintf(\"%s=%llu\\n\", \"{expr}\", (unsigned long long)({expr}));\n");
-    }
-    c += "\treturn 0;\n}\n";
-    let src = dir.path().join("layout.c");
-    let bin = dir.path().join("layout");
-    std::fs::write(&src, c).unwrap();
-    let out = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(repo_root().join("guest-driver/include"))
-        .arg(&src)
-        .arg("-o")
-        .arg(&bin)
-        .output()
-        .expect("run gcc");
-    assert!(
-        out.status.success(),
-        "the header does not compile cleanly:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run = Command::new(&bin).output().unwrap();
-    let c_values: BTreeMap<String, u64> = String::from_utf8(run.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            l.rsplit_once('=')
-                .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
-        })
-        .collect();
-    let mismatches: Vec<String> = exp
-        .iter()
-        .filter(|(e, v)| c_values.get(*e) != Some(v))
-        .map(|(e, v)| format!("{e}: C says {:?}, Rust says {v}", c_values.get(*e)))
-        .collect();
-    assert!(
-        mismatches.is_empty(),
-        "ABI mismatches:\n{}",
-        mismatches.join("\n")
+    c_header::assert_agree(
+        "ABI",
+        "c11",
+        "#include \"backdoor_abi.h\"\n#ifndef BD_DEV_MAGIC_VALUE\n#define BD_DEV_MAGIC_VALUE BD_DEV_MAGIC\n#endif",
+        &expectations(),
     );
 }
