@@ -119,3 +119,71 @@ fn bad_requests_get_errors_and_the_vm_keeps_running() {
     assert_eq!(vm.api("stop")["ok"], true);
     assert_eq!(vm.wait_exit(T), Some(exit::OK));
 }
+
+/// The address range of `symbol` in an ELF file (nm's view).
+fn symbol_range(elf: &std::path::Path, symbol: &str) -> std::ops::Range<u64> {
+    let out = std::process::Command::new("nm")
+        .args(["-S", "--defined-only"])
+        .arg(elf)
+        .output()
+        .expect("run nm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(3) == Some(symbol))
+        .unwrap_or_else(|| panic!("no {symbol} in {}:\n{text}", elf.display()));
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let start = u64::from_str_radix(w[0], 16).unwrap();
+    start..start + u64::from_str_radix(w[1], 16).unwrap()
+}
+
+#[test]
+fn vcpus_tells_where_a_hung_guest_spins_or_halts_with_interrupts_off() {
+    // svc (ring 0) hangs on a command: cli, then pause in a loop (1) or hlt (2).
+    let main = symbol_range(&bdvmm_tests::guest("svc"), "main");
+    for (how, halted) in [(1u64, false), (2, true)] {
+        let mut s = bdvmm_tests::shop::shop(&[]);
+        let running = s.vm.api("vcpus");
+        assert_eq!(running["ok"], true, "{running}");
+        assert_eq!(
+            running["vcpus"][0]["interrupts_enabled"], false,
+            "{running}"
+        );
+        s.control(how);
+        s.vm.wait_line("svc: hanging with interrupts off", T);
+        sleep(Duration::from_millis(200));
+        let mut rips = Vec::new();
+        for _ in 0..3 {
+            let r = s.vm.api("vcpus");
+            let v = &r["vcpus"][0];
+            assert_eq!(
+                (
+                    v["fresh"].as_bool(),
+                    v["cpl"].as_u64(),
+                    v["interrupts_enabled"].as_bool()
+                ),
+                (Some(true), Some(0), Some(false)),
+                "{r}"
+            );
+            assert_eq!(v["halted"].as_bool(), Some(halted), "{r}");
+            let rip = v["rip"].as_u64().unwrap();
+            assert!(
+                main.contains(&rip),
+                "RIP {rip:#x} outside svc's main {main:x?}: {r}"
+            );
+            rips.push(rip);
+        }
+        // Stuck in the same few instructions: spinning, or at the hlt.
+        let spread = rips.iter().max().unwrap() - rips.iter().min().unwrap();
+        assert!(spread < 16, "RIPs {rips:x?}");
+    }
+    // A paused VM: where it parked is where it is, and it stays put.
+    let mut vm = Vm::test_guest("ticker", 3, &[]);
+    vm.wait_console("tick 2\n", T);
+    assert_eq!(vm.api("pause")["ok"], true);
+    let a = vm.api("vcpus");
+    let b = vm.api("vcpus");
+    assert_eq!(a["state"], "paused");
+    assert_eq!(a["vcpus"][0]["rip"], b["vcpus"][0]["rip"], "{a} {b}");
+    assert_eq!(a["vcpus"][0]["cpl"], 3, "{a}");
+}

@@ -77,6 +77,25 @@ fn a_failing_guest_status_fails_bdvmm() {
 }
 
 #[test]
+fn console_input_reaches_the_guest_whole_and_in_order() {
+    // Longer than the UART's 64-byte FIFO, so bdvmm must hold the rest
+    // back and refill as the guest reads.
+    let long: String = (0..200u8).map(|i| char::from(b'a' + i % 26)).collect();
+    for ring in [3, 0] {
+        let mut vm = Vm::test_guest("echo", ring, &[]);
+        vm.wait_console("echo: ready\n", T);
+        vm.send_console("hello bdvmm\n");
+        vm.send_console(&format!("{long}\nquit\n"));
+        assert_eq!(vm.wait_exit(T), Some(exit::OK), "{}", vm.stderr());
+        assert_eq!(
+            vm.console(),
+            format!("echo: ready\necho: hello bdvmm\necho: {long}\n"),
+            "ring {ring}"
+        );
+    }
+}
+
+#[test]
 fn console_log_receives_the_same_bytes_as_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");

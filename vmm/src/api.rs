@@ -27,6 +27,8 @@ pub const MAX_REQUEST_BYTES: usize = 4096;
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long `pause` waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `vcpus` waits for every vCPU to report where it is.
+pub const LOCATE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A request, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub enum Request {
     Exits,
     /// The backdoor's published state: generation, seal, tamper count, hooks.
     Backdoor,
+    /// Where each vCPU is: registers as of a kick (or its last exit).
+    Vcpus,
 }
 
 /// The request as it travels: exactly one field.
@@ -54,7 +58,7 @@ struct WireRequest {
 
 /// Parses one request line.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    const EXPECTED: &str = "expected a JSON object like {\"cmd\":\"status\"} with cmd one of status, pause, resume, stop, exits, backdoor";
+    const EXPECTED: &str = "expected a JSON object like {\"cmd\":\"status\"} with cmd one of status, pause, resume, stop, exits, backdoor, vcpus";
     let wire: WireRequest =
         serde_json::from_slice(line).map_err(|e| format!("bad request ({e}); {EXPECTED}"))?;
     match wire.cmd.as_str() {
@@ -64,6 +68,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "stop" => Ok(Request::Stop),
         "exits" => Ok(Request::Exits),
         "backdoor" => Ok(Request::Backdoor),
+        "vcpus" => Ok(Request::Vcpus),
         other => Err(format!("unknown command {other:?}; {EXPECTED}")),
     }
 }
@@ -116,6 +121,8 @@ pub struct VmControl {
     pub lifecycle: Arc<Lifecycle>,
     /// One set of counters per vCPU, by index.
     pub counters: Vec<Arc<ExitCounters>>,
+    /// Where each vCPU was at its last exit, by index.
+    pub locations: Vec<Arc<crate::vcpu::VcpuLocation>>,
     /// Port bus (for its unhandled count).
     pub pio: Arc<Bus>,
     /// MMIO bus (for its unhandled count).
@@ -186,6 +193,28 @@ impl VmControl {
                 let mut v = serde_json::to_value(self.backdoor.snapshot()).unwrap_or_default();
                 v["ok"] = json!(true);
                 v
+            }
+            Request::Vcpus => {
+                // A paused vCPU is parked outside KVM_RUN: where it parked
+                // is where it is.
+                let wait = match self.lifecycle.run_state() {
+                    RunState::Running => LOCATE_TIMEOUT,
+                    _ => Duration::ZERO,
+                };
+                let vcpus: Vec<_> =
+                    crate::vcpu::locate(&self.locations, || self.lifecycle.kick_all(), wait)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (loc, fresh))| match loc {
+                            Some(l) => {
+                                let mut v = serde_json::to_value(l).unwrap_or_default();
+                                v["fresh"] = json!(fresh);
+                                v
+                            }
+                            None => json!({"vcpu": i, "fresh": false}),
+                        })
+                        .collect();
+                json!({"ok": true, "state": self.state_name(), "vcpus": vcpus})
             }
             Request::Pause => match self.lifecycle.pause(PAUSE_TIMEOUT) {
                 Ok(()) => json!({"ok": true, "state": "paused"}),

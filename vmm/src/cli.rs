@@ -76,6 +76,8 @@ pub enum CtlCommand {
     Exits,
     /// The backdoor's generation, seal, tamper count and hooks.
     Backdoor,
+    /// Where each vCPU is: RIP, RSP, CR3, RFLAGS.IF, CPL, halted.
+    Vcpus,
 }
 
 impl CtlCommand {
@@ -88,6 +90,7 @@ impl CtlCommand {
             Self::Stop => "stop",
             Self::Exits => "exits",
             Self::Backdoor => "backdoor",
+            Self::Vcpus => "vcpus",
         }
     }
 }

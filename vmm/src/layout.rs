@@ -28,6 +28,10 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 2048;
 /// Start of the Extended BIOS Data Area: conventional memory ends here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The MP table (boot/mptable.rs): at the start of the EBDA, the first
+/// place Linux's `smp_scan_config` looks. The EBDA is reserved in the e820
+/// map, so the kernel keeps it.
+pub const MPTABLE_ADDR: u64 = EBDA_START;
 /// Start of high memory, where a bzImage's protected-mode code is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 

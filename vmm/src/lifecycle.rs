@@ -202,6 +202,11 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// Makes every vCPU leave KVM_RUN once (it then goes on running).
+    pub fn kick_all(&self) {
+        (self.kicker.0)();
+    }
+
     /// Waits until every vCPU thread has left its loop, kicking them meanwhile.
     pub fn wait_vcpus_exited(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

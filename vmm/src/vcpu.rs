@@ -4,11 +4,13 @@
 
 use std::cell::Cell;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::bus::Bus;
@@ -59,6 +61,104 @@ pub struct VcpuContext {
     pub lifecycle: Arc<Lifecycle>,
     /// This vCPU's exit counters.
     pub counters: Arc<ExitCounters>,
+    /// Whether KVM can copy registers into kvm_run on exit (KVM_CAP_SYNC_REGS).
+    pub sync_regs: bool,
+    /// Where this vCPU was at its last exit, for the control socket.
+    pub location: Arc<VcpuLocation>,
+}
+
+/// Where a vCPU was, as of one exit from KVM_RUN (an I/O exit, or a kick).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Location {
+    /// vCPU index.
+    pub vcpu: u8,
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// RFLAGS.IF: whether it takes interrupts.
+    pub interrupts_enabled: bool,
+    /// Page-table root.
+    pub cr3: u64,
+    /// Privilege level (CS.DPL).
+    pub cpl: u8,
+    /// Whether KVM had it halted (waiting for an interrupt); known only
+    /// for a location taken on request.
+    pub halted: Option<bool>,
+    /// Exits from KVM_RUN so far, this one included.
+    pub exits: u64,
+}
+
+/// A vCPU's latest [`Location`], written by its thread after every exit,
+/// and the one it gave when last asked (with its MP state).
+#[derive(Debug, Default)]
+pub struct VcpuLocation {
+    last: Mutex<Option<Location>>,
+    answer: Mutex<Option<Location>>,
+    /// Exit count of the latest answer.
+    answered: AtomicU64,
+    /// Set by a reader: the next exit answers, MP state included.
+    wanted: AtomicBool,
+}
+
+impl VcpuLocation {
+    fn publish(&self, loc: Location, answers: bool) {
+        let lock = |m: &'_ Mutex<Option<Location>>| {
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(loc)
+        };
+        lock(&self.last);
+        if answers {
+            lock(&self.answer);
+            self.answered.store(loc.exits, Ordering::Release);
+        }
+    }
+
+    /// The latest location, if the vCPU ever left KVM_RUN.
+    pub fn last(&self) -> Option<Location> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn answer(&self) -> Option<Location> {
+        *self.answer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Every vCPU's location as of now: asks each for a fresh one (a kick
+/// makes it leave KVM_RUN at once, whether it spins, halts or runs), and
+/// waits up to `timeout`. A vCPU that did not answer in time keeps its
+/// last location, marked `fresh: false`.
+pub fn locate(
+    locations: &[Arc<VcpuLocation>],
+    kick_all: impl Fn(),
+    timeout: Duration,
+) -> Vec<(Option<Location>, bool)> {
+    let before: Vec<u64> = locations
+        .iter()
+        .map(|l| {
+            let b = l.answered.load(Ordering::Acquire);
+            l.wanted.store(true, Ordering::Release);
+            b
+        })
+        .collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        kick_all();
+        let fresh: Vec<bool> = locations
+            .iter()
+            .zip(&before)
+            .map(|(l, &b)| l.answered.load(Ordering::Acquire) > b)
+            .collect();
+        if fresh.iter().all(|&f| f) || Instant::now() >= deadline {
+            return locations
+                .iter()
+                .zip(fresh)
+                .map(|(l, f)| (if f { l.answer() } else { l.last() }, f))
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// A running vCPU thread.
@@ -94,15 +194,62 @@ pub fn spawn(fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
     }
 }
 
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// A vCPU's registers as of one exit.
+#[derive(Debug, Clone, Copy)]
+struct Registers {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+}
+
 fn run_loop(mut fd: VcpuFd, ctx: VcpuContext) {
     let run: *mut kvm_run = fd.get_kvm_run();
     // SAFETY: `run` points at this vCPU's kvm_run mapping, valid while `fd` lives.
     let flag = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
     IMMEDIATE_EXIT.with(|c| c.set(flag));
+    // KVM copies the registers into kvm_run on every exit (no extra
+    // ioctl); the loop keeps the last copy, because on AMD SVM a triple
+    // fault resets the vCPU before bdvmm can read what faulted.
+    let sync = ctx.sync_regs;
+    if sync {
+        fd.set_sync_valid_reg(SyncReg::Register);
+        fd.set_sync_valid_reg(SyncReg::SystemRegister);
+    }
+    let mut last_exit = None;
+    let mut exits = 0u64;
     while ctx.lifecycle.vcpu_gate() {
-        if let Some(why) = run_once(&mut fd, &ctx) {
+        if let Some(why) = run_once(&mut fd, &ctx, last_exit.as_ref()) {
             ctx.lifecycle.request_exit(why);
             break;
+        }
+        exits += 1;
+        if sync {
+            let r = fd.sync_regs();
+            last_exit = Some(Registers {
+                regs: r.regs,
+                sregs: r.sregs,
+            });
+            let answers = ctx.location.wanted.swap(false, Ordering::AcqRel);
+            let halted = answers
+                .then(|| fd.get_mp_state().ok())
+                .flatten()
+                .map(|m| m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+            ctx.location.publish(
+                Location {
+                    vcpu: ctx.index,
+                    rip: r.regs.rip,
+                    rsp: r.regs.rsp,
+                    rflags: r.regs.rflags,
+                    interrupts_enabled: r.regs.rflags & RFLAGS_IF != 0,
+                    cr3: r.sregs.cr3,
+                    cpl: r.sregs.cs.dpl,
+                    halted,
+                    exits,
+                },
+                answers,
+            );
         }
     }
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
@@ -110,7 +257,7 @@ fn run_loop(mut fd: VcpuFd, ctx: VcpuContext) {
 }
 
 /// Runs the vCPU until its next exit; returns a reason if the VM must stop.
-fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmExit> {
+fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext, last_exit: Option<&Registers>) -> Option<VmExit> {
     let c = &ctx.counters;
     let vcpu = ctx.index;
     match fd.run() {
@@ -142,7 +289,7 @@ fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext) -> Option<VmExit> {
             ExitCounters::bump(&c.shutdown);
             eprintln!(
                 "bdvmm: vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)\n{}",
-                dump(fd)
+                triple_fault_report(fd, last_exit)
             );
             Some(VmExit::TripleFault { vcpu })
         }
@@ -211,10 +358,38 @@ fn kvm_error(fd: &VcpuFd, vcpu: u8, detail: String) -> VmExit {
 
 /// The vCPU's registers in QEMU's `info registers` layout.
 pub fn dump(fd: &VcpuFd) -> String {
-    let mut s = String::new();
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(sr)) => format_registers(&r, &sr),
+        _ => "(registers unavailable)".into(),
+    }
+}
+
+/// Whether these are the registers of a vCPU just out of reset (CS:IP at
+/// the reset vector, paging off): what KVM on AMD SVM leaves after a
+/// shutdown, because the VMCB is undefined after one.
+fn is_reset_state(r: &kvm_regs, sr: &kvm_sregs) -> bool {
+    r.rip == 0xfff0 && sr.cs.base == 0xffff_0000 && sr.cr0 & 1 << 31 == 0
+}
+
+/// The triple-fault report: the registers KVM has now, or, where KVM reset
+/// the vCPU on shutdown, those of its last exit before the fault.
+fn triple_fault_report(fd: &VcpuFd, last_exit: Option<&Registers>) -> String {
     let (Ok(r), Ok(sr)) = (fd.get_regs(), fd.get_sregs()) else {
         return "(registers unavailable)".into();
     };
+    match last_exit {
+        Some(last) if is_reset_state(&r, &sr) => format!(
+            "KVM reset this vCPU on shutdown (as it does on AMD SVM); its registers at its \
+             last exit before the fault:\n{}",
+            format_registers(&last.regs, &last.sregs)
+        ),
+        _ => format_registers(&r, &sr),
+    }
+}
+
+/// Registers in QEMU's `info registers` layout.
+fn format_registers(r: &kvm_regs, sr: &kvm_sregs) -> String {
+    let mut s = String::new();
     let _ = writeln!(
         s,
         "RAX={:016x} RBX={:016x} RCX={:016x} RDX={:016x}",

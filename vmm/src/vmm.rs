@@ -22,9 +22,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiError, ApiServer, VmControl};
 use crate::boot::cpu::{self, CpuError, Entry};
 use crate::boot::linux::{self, LinuxBootError};
+use crate::boot::mptable::{self, MpTableError};
 use crate::boot::test_guest::{self, TestGuestError};
 use crate::bus::{Bus, BusError, Width};
 use crate::config::{GuestConfig, VmConfig};
+use crate::devices::serial::ConsoleInput;
 use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial, watchdog};
 use crate::event_loop::{self, EventLoopError};
 use crate::exit_counters::ExitCounters;
@@ -64,6 +66,9 @@ pub enum VmmError {
     /// vCPU set-up.
     #[error(transparent)]
     Cpu(#[from] CpuError),
+    /// The MP table of a Linux guest.
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
     /// Device wiring.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -260,6 +265,10 @@ struct Machine {
     handles: Arc<OnceLock<Vec<VcpuHandle>>>,
     // Registered so a guest driver may bind a handler; ABI v1 never raises it.
     _backdoor_irq: EventFd,
+    /// COM1, which bdvmm's standard input feeds.
+    com1: Arc<Mutex<serial::SerialDevice>>,
+    /// KVM copies each exit's registers into kvm_run (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
 }
 
 impl Machine {
@@ -285,6 +294,7 @@ impl Machine {
             pio,
             mmio,
             backdoor_irq,
+            com1,
         } = add_devices(&vm, vmm, &lifecycle, &boot_timer_ns)?;
 
         let mem = ram.memory();
@@ -296,6 +306,7 @@ impl Machine {
             } => {
                 let cmdline = format!("{cmdline} {}", backdoor::cmdline_param());
                 let e = linux::load(mem, ram.size(), kernel, initrd.as_deref(), &cmdline)?;
+                mptable::write(mem, config.vcpus)?;
                 Entry::Linux {
                     rip: e.entry,
                     zero_page: e.zero_page,
@@ -323,6 +334,7 @@ impl Machine {
             .map_err(vm_ioctl("read the supported CPUID"))?;
         let mut vcpu_fds = Vec::new();
         let mut counters = Vec::new();
+        let mut locations = Vec::new();
         for i in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(i))
@@ -330,11 +342,13 @@ impl Machine {
             cpu::configure(&fd, i, config.vcpus, &base_cpuid, entry)?;
             vcpu_fds.push(fd);
             counters.push(Arc::new(ExitCounters::default()));
+            locations.push(Arc::new(vcpu::VcpuLocation::default()));
         }
 
         let control = Arc::new(VmControl {
             lifecycle: lifecycle.clone(),
             counters,
+            locations,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             mem_bytes: ram.size(),
@@ -354,12 +368,15 @@ impl Machine {
             control,
             handles,
             _backdoor_irq: backdoor_irq,
+            com1,
+            sync_regs: vmm.kvm.check_extension(kvm_ioctls::Cap::SyncRegs),
         })
     }
 
     /// Runs this boot until the VM has an exit reason.
     fn run(mut self, api_sock: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
         let mut extra: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
+        extra.push(Arc::new(Mutex::new(ConsoleInput::stdin(self.com1.clone()))));
         if let Some(path) = api_sock {
             extra.push(Arc::new(Mutex::new(ApiServer::bind(
                 path,
@@ -378,6 +395,8 @@ impl Machine {
                 mmio: self.control.mmio.clone(),
                 lifecycle: self.lifecycle.clone(),
                 counters: self.control.counters[i].clone(),
+                sync_regs: self.sync_regs,
+                location: self.control.locations[i].clone(),
             };
             handles.push(vcpu::spawn(fd, ctx).map_err(os("start a vCPU thread"))?);
         }
@@ -437,6 +456,7 @@ struct Devices {
     pio: Bus,
     mmio: Bus,
     backdoor_irq: EventFd,
+    com1: Arc<Mutex<serial::SerialDevice>>,
 }
 
 fn add_devices(
@@ -459,13 +479,11 @@ fn add_devices(
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create the serial irqfd"))?;
     vm.register_irqfd(&irq, serial::IRQ)
         .map_err(vm_ioctl("register the serial irqfd"))?;
-    let com1 = serial::SerialDevice::new(irq, serial::ConsoleOut::new(log));
-    pio.insert(
-        "com1",
-        u64::from(serial::PORT),
-        serial::LEN,
-        Arc::new(Mutex::new(com1)),
-    )?;
+    let com1 = Arc::new(Mutex::new(serial::SerialDevice::new(
+        irq,
+        serial::ConsoleOut::new(log),
+    )));
+    pio.insert("com1", u64::from(serial::PORT), serial::LEN, com1.clone())?;
     pio.insert(
         "i8042",
         u64::from(i8042::PORT),
@@ -518,5 +536,6 @@ fn add_devices(
         pio,
         mmio,
         backdoor_irq: bd_irq,
+        com1,
     })
 }

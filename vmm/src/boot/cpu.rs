@@ -78,6 +78,9 @@ const CR0_ET: u64 = 1 << 4;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const RFLAGS_RESERVED: u64 = 1 << 1;
+/// RFLAGS.IOPL = 3: ring-3 code may use every port without consulting the
+/// TSS I/O bitmap.
+const RFLAGS_IOPL3: u64 = 3 << 12;
 
 /// Writes the GDT, TSS and identity-map page tables, shared by all vCPUs.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), CpuError> {
@@ -157,8 +160,19 @@ pub fn entry_regs(entry: Entry, vcpu: u8, nvcpus: u8) -> kvm_regs {
             regs.rbp = layout::BOOT_STACK_TOP;
         }
         Entry::TestGuest {
-            rip, ram, backdoor, ..
+            rip,
+            ram,
+            backdoor,
+            ring,
         } => {
+            // Ring-3 test guests need port I/O. Hardware and nested SVM
+            // honour IOPL; PVM ignores it and uses the TSS I/O bitmap
+            // (write_boot_tables), which QEMU's emulated SVM in turn
+            // refuses because the TSS it is given is marked busy. Both
+            // together work on all three.
+            if ring == Ring::Three {
+                regs.rflags |= RFLAGS_IOPL3;
+            }
             regs.rip = rip;
             regs.rdi = u64::from(vcpu);
             regs.rsi = u64::from(nvcpus);

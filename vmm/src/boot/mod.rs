@@ -4,5 +4,6 @@
 pub mod cpu;
 pub mod gdt;
 pub mod linux;
+pub mod mptable;
 pub mod paging;
 pub mod test_guest;
