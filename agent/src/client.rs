@@ -1,5 +1,10 @@
 //! The monitor side of the protocol: connect, authenticate (checking the
 //! agent's proof first), then one-sided operations on hooks by id.
+//!
+//! The operations travel over the authenticated TCP connection (the soft
+//! data path) or, once [`Client::attach_verbs`] connected an RDMA queue
+//! pair, as one-sided RDMA work requests that the agent's NIC serves (the
+//! verbs data path). DESCRIBE and the handshake always use TCP.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -29,6 +34,21 @@ pub enum ClientError {
     /// The agent answered with something unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The verbs data path failed or refused (boxed: a verbs error can
+    /// carry a client error of its own).
+    #[cfg(feature = "verbs")]
+    #[error("RDMA verbs: {0}")]
+    Verbs(Box<crate::verbs::VerbsError>),
+}
+
+#[cfg(feature = "verbs")]
+impl From<crate::verbs::VerbsError> for ClientError {
+    fn from(e: crate::verbs::VerbsError) -> Self {
+        match e {
+            crate::verbs::VerbsError::Client(c) => c,
+            other => Self::Verbs(Box::new(other)),
+        }
+    }
 }
 
 impl ClientError {
@@ -42,7 +62,21 @@ impl ClientError {
 
     /// Whether this means "the backdoor could not be reached" (as opposed to a refusal).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Wire(_))
+        match self {
+            Self::Wire(_) => true,
+            // A failed or lost work request: the queue pair is gone, like
+            // a dropped connection. (Out-of-bounds and permission refusals
+            // are the monitor's own checks, not reachability.)
+            #[cfg(feature = "verbs")]
+            Self::Verbs(v) => matches!(
+                **v,
+                crate::verbs::VerbsError::Completion { .. }
+                    | crate::verbs::VerbsError::Timeout(_)
+                    | crate::verbs::VerbsError::Broken
+                    | crate::verbs::VerbsError::Verb { .. }
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -54,6 +88,16 @@ pub struct Client {
     next_id: u32,
     descriptor: PublicDescriptor,
     busy_poll: Duration,
+    #[cfg(feature = "verbs")]
+    verbs: Option<Verbs>,
+}
+
+/// The verbs data path of a client, and the device it was opened on.
+#[cfg(feature = "verbs")]
+#[derive(Debug)]
+struct Verbs {
+    qp: crate::verbs_client::VerbsClient,
+    device: Option<String>,
 }
 
 /// Default time a client spins for a reply before blocking (its own CPU).
@@ -141,7 +185,45 @@ impl Client {
             next_id: 1,
             descriptor,
             busy_poll: DEFAULT_CLIENT_BUSY_POLL,
+            #[cfg(feature = "verbs")]
+            verbs: None,
         })
+    }
+
+    /// Moves reads, writes and atomics onto RDMA verbs: connects a queue
+    /// pair on `device` (or the first RDMA device) to the agent's, over
+    /// this authenticated connection. Hooks the agent lists no region for
+    /// keep using TCP. A reboot (a new generation at the next
+    /// [`Client::describe`]) connects a new queue pair to the new regions.
+    #[cfg(feature = "verbs")]
+    pub fn attach_verbs(&mut self, device: Option<&str>) -> Result<(), ClientError> {
+        self.verbs = None;
+        let qp = crate::verbs_client::VerbsClient::connect(self, device)?;
+        self.verbs = Some(Verbs {
+            qp,
+            device: device.map(str::to_owned),
+        });
+        Ok(())
+    }
+
+    /// "verbs" once a queue pair carries the operations, else "soft".
+    pub fn data_path(&self) -> &'static str {
+        #[cfg(feature = "verbs")]
+        if self.verbs.is_some() {
+            return "verbs";
+        }
+        "soft"
+    }
+
+    /// The queue pair for `hook`, if the verbs data path serves it under
+    /// the current generation.
+    #[cfg(feature = "verbs")]
+    fn verbs_for(&mut self, hook: u32) -> Option<&mut crate::verbs_client::VerbsClient> {
+        let generation = self.descriptor.generation;
+        self.verbs
+            .as_mut()
+            .map(|v| &mut v.qp)
+            .filter(|qp| qp.info().generation == generation && qp.region(hook).is_some())
     }
 
     /// How long to spin for each reply before blocking (0 disables).
@@ -182,14 +264,35 @@ impl Client {
         match self.call(&Msg::Describe)? {
             Msg::Descriptor(json) => {
                 self.descriptor = parse_descriptor(&json)?;
+                #[cfg(feature = "verbs")]
+                self.follow_generation()?;
                 Ok(&self.descriptor)
             }
             other => Err(unexpected(other)),
         }
     }
 
+    /// After a reboot the old regions are revoked: connect a new queue
+    /// pair to the new generation's.
+    #[cfg(feature = "verbs")]
+    fn follow_generation(&mut self) -> Result<(), ClientError> {
+        let stale = self
+            .verbs
+            .as_ref()
+            .filter(|v| v.qp.info().generation != self.descriptor.generation)
+            .map(|v| v.device.clone());
+        match stale {
+            Some(device) => self.attach_verbs(device.as_deref()),
+            None => Ok(()),
+        }
+    }
+
     /// Reads `len` bytes at `offset` of hook `hook`.
     pub fn read(&mut self, hook: u32, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        #[cfg(feature = "verbs")]
+        if let Some(qp) = self.verbs_for(hook) {
+            return Ok(qp.read(hook, offset, len as usize)?);
+        }
         let generation = self.descriptor.generation;
         match self.call(&Msg::Read {
             generation,
@@ -214,8 +317,19 @@ impl Client {
         depth: usize,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<(), ClientError> {
-        let generation = self.descriptor.generation;
         let chunk = u64::from(chunk.clamp(1, crate::wire::MAX_READ));
+        #[cfg(feature = "verbs")]
+        if let Some(qp) = self.verbs_for(hook) {
+            // One READ per chunk; the NIC does the copying.
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(chunk);
+                sink(&qp.read(hook, offset + at, usize::try_from(n).unwrap_or(usize::MAX))?);
+                at += n;
+            }
+            return Ok(());
+        }
+        let generation = self.descriptor.generation;
         let mut next = 0u64; // bytes requested so far
         let mut done = 0u64; // bytes received so far
         let mut in_flight = std::collections::VecDeque::new();
@@ -251,6 +365,17 @@ impl Client {
 
     /// Reads many ranges in one round trip; returns their bytes in order.
     pub fn read_batch(&mut self, entries: &[BatchEntry]) -> Result<Vec<Vec<u8>>, ClientError> {
+        #[cfg(feature = "verbs")]
+        if let Some(first) = entries.first() {
+            let one_hook = entries.iter().all(|e| e.hook == first.hook);
+            if let Some(qp) = self.verbs_for(first.hook).filter(|_| one_hook) {
+                let reqs: Vec<_> = entries
+                    .iter()
+                    .map(|e| (e.hook, e.offset, e.len as usize))
+                    .collect();
+                return Ok(qp.read_batch(&reqs)?);
+            }
+        }
         let generation = self.descriptor.generation;
         let bytes = match self.call(&Msg::ReadBatch {
             generation,
@@ -277,6 +402,10 @@ impl Client {
 
     /// Writes `data` at `offset` of a REPAIR hook (repair role only).
     pub fn write(&mut self, hook: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        #[cfg(feature = "verbs")]
+        if let Some(qp) = self.verbs_for(hook) {
+            return Ok(qp.write(hook, offset, data)?);
+        }
         let generation = self.descriptor.generation;
         match self.call(&Msg::Write {
             generation,
@@ -297,6 +426,10 @@ impl Client {
         expected: u64,
         new: u64,
     ) -> Result<u64, ClientError> {
+        #[cfg(feature = "verbs")]
+        if let Some(qp) = self.verbs_for(hook) {
+            return Ok(qp.cas(hook, offset, expected, new)?);
+        }
         let generation = self.descriptor.generation;
         match self.call(&Msg::Cas {
             generation,
@@ -312,6 +445,10 @@ impl Client {
 
     /// Fetch-and-add; returns the word's previous value.
     pub fn faa(&mut self, hook: u32, offset: u64, add: u64) -> Result<u64, ClientError> {
+        #[cfg(feature = "verbs")]
+        if let Some(qp) = self.verbs_for(hook) {
+            return Ok(qp.faa(hook, offset, add)?);
+        }
         let generation = self.descriptor.generation;
         match self.call(&Msg::Faa {
             generation,

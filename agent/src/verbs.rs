@@ -818,7 +818,7 @@ impl Qp {
         )
     }
 
-    /// Posts one signaled work request.
+    /// Posts a work request, or a chain of them linked through `next`.
     ///
     /// # Safety
     /// `wr`'s scatter list must name memory of a live local MR that stays

@@ -25,6 +25,9 @@ use crate::wire::{Msg, MAX_READ};
 pub const LOCAL_BUFFER: usize = MAX_READ as usize;
 /// Default bound on one work request's completion.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Work requests posted as one chain (the send queue's depth): a batch of
+/// small READs costs one completion per chain, not one per READ.
+pub const CHAIN: usize = 32;
 
 /// An RC queue pair connected to an agent, with the regions it may use.
 pub struct VerbsClient {
@@ -77,8 +80,8 @@ impl VerbsClient {
     pub fn connect(client: &mut Client, device: Option<&str>) -> Result<Self, VerbsError> {
         let ctx = open_context(device)?;
         let pd = Pd::new(&ctx)?;
-        let cq = Cq::new(&ctx, 16)?;
-        let qp = Qp::new(&pd, &cq, 16)?;
+        let cq = Cq::new(&ctx, i32::try_from(CHAIN).unwrap_or(i32::MAX))?;
+        let qp = Qp::new(&pd, &cq, u32::try_from(CHAIN).unwrap_or(u32::MAX))?;
         let buf = Mr::local(&pd, LOCAL_BUFFER)?;
         let psn = random_psn();
         let mine = Endpoint {
@@ -150,6 +153,101 @@ impl VerbsClient {
             done += n;
         }
         Ok(out)
+    }
+
+    /// Reads many `(hook, offset, len)` ranges: chains of up to [`CHAIN`]
+    /// RDMA READs into the local buffer, only the last of each signaled.
+    /// Every range is checked before anything is posted.
+    pub fn read_batch(&mut self, reqs: &[(u32, u64, usize)]) -> Result<Vec<Vec<u8>>, VerbsError> {
+        let regions = reqs
+            .iter()
+            .map(|&(hook, offset, len)| self.check(hook, offset, len, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(reqs.len());
+        let mut i = 0;
+        while i < reqs.len() {
+            let (mut end, mut used) = (i, 0);
+            while end < reqs.len() && end - i < CHAIN && used + reqs[end].2 <= LOCAL_BUFFER {
+                used += reqs[end].2;
+                end += 1;
+            }
+            if end == i {
+                // Longer than the buffer: a read of its own, in pieces.
+                let (hook, offset, len) = reqs[i];
+                out.push(self.read(hook, offset, len)?);
+                i += 1;
+                continue;
+            }
+            self.read_chain(&regions[i..end], &reqs[i..end])?;
+            let mut at = 0;
+            for &(_, _, len) in &reqs[i..end] {
+                let mut v = vec![0u8; len];
+                // SAFETY: the chain's READs into buf[..used] completed (its
+                // last, signaled one completes after all before it on an RC
+                // QP); nothing else writes the buffer now.
+                unsafe { ptr::copy_nonoverlapping(self.buf.addr.add(at), v.as_mut_ptr(), len) };
+                out.push(v);
+                at += len;
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    /// Posts one chain of READs, back to back in the local buffer, and
+    /// waits for its last (the only signaled) completion.
+    fn read_chain(
+        &mut self,
+        regions: &[Region],
+        reqs: &[(u32, u64, usize)],
+    ) -> Result<(), VerbsError> {
+        let mut sges = Vec::with_capacity(reqs.len());
+        let mut at = 0usize;
+        for &(_, _, len) in reqs {
+            sges.push(ffi::ibv_sge {
+                addr: self.buf.addr as u64 + to_u64(at),
+                length: u32::try_from(len).map_err(|_| VerbsError::Empty)?,
+                lkey: self.buf.lkey(),
+            });
+            at += len;
+        }
+        let mut wrs: Vec<ffi::ibv_send_wr> = Vec::with_capacity(reqs.len());
+        for (k, (region, &(_, offset, _))) in regions.iter().zip(reqs).enumerate() {
+            let mut wr = ffi::ibv_send_wr {
+                wr_id: self.next_wr,
+                num_sge: 1,
+                opcode: ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+                send_flags: if k + 1 == reqs.len() {
+                    ffi::ibv_send_flags::IBV_SEND_SIGNALED.0
+                } else {
+                    0
+                },
+                ..Default::default()
+            };
+            wr.wr.rdma = ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
+                remote_addr: region.addr + offset,
+                rkey: region.rkey,
+            };
+            self.next_wr = self.next_wr.wrapping_add(1);
+            wrs.push(wr);
+        }
+        // Link the list now that neither vector moves any more.
+        for k in 0..wrs.len() {
+            wrs[k].sg_list = &mut sges[k];
+            if k + 1 < wrs.len() {
+                let next: *mut ffi::ibv_send_wr = &mut wrs[k + 1];
+                wrs[k].next = next;
+            }
+        }
+        let last = wrs.last().map_or(0, |w| w.wr_id);
+        // SAFETY: every scatter entry names a distinct part of our live
+        // local MR, untouched until the chain's last completion is polled
+        // (on a timeout the client is marked broken and never reuses it).
+        if let Err(e) = unsafe { self.qp.post(&mut wrs[0]) } {
+            self.broken = true;
+            return Err(e);
+        }
+        self.wait(last, "READ")
     }
 
     /// Writes `data` at `offset` of a REPAIR hook with RDMA WRITE.

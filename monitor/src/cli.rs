@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::target::{Target, TargetError};
+use crate::target::{Target, TargetError, Transport};
 use crate::watch::WatchOptions;
 
 /// backdoor-vmm's remote monitor.
@@ -54,12 +54,20 @@ pub struct OneTarget {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// How to read the guest's memory: auto (verbs where the agent offers
+    /// them and this host has an RDMA device), soft or verbs.
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
+    /// The local RDMA device for verbs (default: the first).
+    #[arg(long, value_name = "NAME")]
+    pub rdma_device: Option<String>,
 }
 
 impl OneTarget {
     /// The parsed target.
     pub fn target(&self) -> Result<Target, TargetError> {
-        Target::parse(&self.target, &self.key_file)
+        Ok(Target::parse(&self.target, &self.key_file)?
+            .with_transport(self.transport, self.rdma_device.clone()))
     }
 
     /// The timeout.
@@ -103,6 +111,12 @@ pub struct WatchArgs {
     /// Exit with status 3 once a hang has been reported and its actions are done.
     #[arg(long)]
     pub exit_on_hang: bool,
+    /// How to read the guests' memory: auto, soft or verbs.
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
+    /// The local RDMA device for verbs (default: the first).
+    #[arg(long, value_name = "NAME")]
+    pub rdma_device: Option<String>,
 }
 
 /// The configuration file.
@@ -121,6 +135,10 @@ pub struct ConfigFile {
     pub extract_on_hang: Option<PathBuf>,
     /// Metrics address.
     pub metrics: Option<String>,
+    /// Default transport for targets.
+    pub transport: Option<Transport>,
+    /// Local RDMA device for verbs.
+    pub rdma_device: Option<String>,
     /// Targets.
     #[serde(default)]
     pub targets: Vec<ConfigTarget>,
@@ -134,6 +152,8 @@ pub struct ConfigTarget {
     pub target: String,
     /// Its own key file (else the file's default).
     pub key_file: Option<PathBuf>,
+    /// Its own transport (else the default).
+    pub transport: Option<Transport>,
 }
 
 /// Errors assembling the watch configuration.
@@ -186,6 +206,8 @@ impl WatchArgs {
             .key_file
             .clone()
             .or_else(|| file.key_file.as_deref().map(rel));
+        let transport = self.transport.or(file.transport).unwrap_or_default();
+        let device = self.rdma_device.clone().or(file.rdma_device.clone());
         let mut targets = Vec::new();
         for t in &file.targets {
             let keys = t
@@ -199,13 +221,14 @@ impl WatchArgs {
                         t.target
                     ))
                 })?;
-            targets.push(Target::parse(&t.target, &keys)?);
+            let tr = self.transport.or(t.transport).unwrap_or(transport);
+            targets.push(Target::parse(&t.target, &keys)?.with_transport(tr, device.clone()));
         }
         for t in &self.targets {
             let keys = default_keys.clone().ok_or_else(|| {
                 ConfigError::Missing("give --key-file (or key_file in --config)".into())
             })?;
-            targets.push(Target::parse(t, &keys)?);
+            targets.push(Target::parse(t, &keys)?.with_transport(transport, device.clone()));
         }
         if targets.is_empty() {
             return Err(ConfigError::Missing(

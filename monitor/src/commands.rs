@@ -38,17 +38,30 @@ fn connect(t: &OneTarget, role: Role) -> Result<Client, Error> {
 
 /// `bdctl status`.
 pub fn status(t: &OneTarget) -> Result<(), Error> {
-    let mut c = connect(t, Role::Read)?;
+    let (mut c, why_soft) = t.target()?.connect_explained(Role::Read, t.timeout())?;
+    let transport = match (&why_soft, c.data_path()) {
+        (Some(why), "soft") if t.transport != crate::target::Transport::Soft => {
+            format!("soft (not verbs: {why})")
+        }
+        (_, path) => path.to_owned(),
+    };
     let obs = poll::observe(&mut c)?;
     let d = c.descriptor().clone();
+    // "active", "os", ...; "?" where the guest wrote a value the ABI lacks.
+    let lower = |s: Option<String>| s.map_or("?".to_owned(), |s| s.to_lowercase());
+    let state = |c: &crate::judge::CounterObs| lower(c.counter.state().map(|s| format!("{s:?}")));
+    let level = |c: &crate::judge::CounterObs| lower(c.counter.level().map(|l| format!("{l:?}")));
     if t.json {
         let counters: Vec<_> = obs
             .counters
             .iter()
             .map(|c| json!({"hook": c.hook, "name": c.name(), "id": c.counter.id, "value": c.counter.value,
-                "deadline_ms": c.counter.deadline_ms, "state": format!("{:?}", c.counter.state()), "level": format!("{:?}", c.counter.level()), "owner": c.counter.owner}))
+                "deadline_ms": c.counter.deadline_ms, "state": state(c), "level": level(c), "owner": c.counter.owner}))
             .collect();
-        println!("{}", json!({"descriptor": d, "counters": counters}));
+        println!(
+            "{}",
+            json!({"descriptor": d, "counters": counters, "transport": c.data_path(), "not_verbs": why_soft})
+        );
         return Ok(());
     }
     println!(
@@ -60,6 +73,7 @@ pub fn status(t: &OneTarget) -> Result<(), Error> {
         d.vmm_alive,
         d.backends.join(",")
     );
+    println!("transport {transport}");
     println!("hooks:");
     for h in &d.hooks {
         println!(
@@ -73,19 +87,11 @@ pub fn status(t: &OneTarget) -> Result<(), Error> {
     }
     println!("counters:");
     for c in &obs.counters {
-        let state = c
-            .counter
-            .state()
-            .map_or("?".to_owned(), |s| format!("{s:?}").to_lowercase());
-        let level = c
-            .counter
-            .level()
-            .map_or("?".to_owned(), |s| format!("{s:?}").to_lowercase());
         println!(
             "  {:<24} {:<12} {:<8} value {:>12}  deadline {:>6} ms  owner {}",
             c.name(),
-            level,
-            state,
+            level(c),
+            state(c),
             c.counter.value,
             c.counter.deadline_ms,
             c.counter.owner

@@ -200,6 +200,16 @@ pub fn extract(
             }
         }
     }
+    // Each READ was checked against the generation (soft), or went to a
+    // region the agent revokes on reset (verbs): a reboot during the copy
+    // shows here, and then nothing of it is trusted.
+    let now = client.describe()?.generation;
+    if now != d.generation {
+        return Err(ClientError::Protocol(format!(
+            "the guest rebooted during the extraction (generation {} -> {now}): not using it",
+            d.generation
+        )));
+    }
     Ok(Extraction {
         vm: d.vm,
         generation: d.generation,

@@ -61,6 +61,20 @@ impl KeyFile {
     }
 }
 
+/// How bdctl reads a target's memory once it has authenticated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// RDMA verbs when the agent offers them and this host has a device,
+    /// else the soft transport.
+    #[default]
+    Auto,
+    /// Software RDMA over the authenticated TCP connection.
+    Soft,
+    /// RDMA verbs, or fail.
+    Verbs,
+}
+
 /// One VM to monitor.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -72,6 +86,10 @@ pub struct Target {
     pub keys: KeyFile,
     /// Where the keys came from, for messages.
     pub key_path: PathBuf,
+    /// Which data path to use.
+    pub transport: Transport,
+    /// The local RDMA device for verbs (default: the first).
+    pub rdma_device: Option<String>,
 }
 
 impl Target {
@@ -88,11 +106,26 @@ impl Target {
             addr: addr.to_owned(),
             keys: KeyFile::load(key_path)?,
             key_path: key_path.to_owned(),
+            transport: Transport::Auto,
+            rdma_device: None,
         })
     }
 
-    /// Connects and authenticates as `role`.
-    pub fn connect(&self, role: Role, timeout: Duration) -> Result<Client, ConnectError> {
+    /// The same target over `transport` (and `rdma_device`).
+    pub fn with_transport(mut self, transport: Transport, rdma_device: Option<String>) -> Self {
+        self.transport = transport;
+        self.rdma_device = rdma_device;
+        self
+    }
+
+    /// Connects and authenticates as `role`, then moves the data path onto
+    /// verbs as the target's transport says. With `auto`, the reason verbs
+    /// are not used (if they are not) comes back beside the client.
+    pub fn connect_explained(
+        &self,
+        role: Role,
+        timeout: Duration,
+    ) -> Result<(Client, Option<String>), ConnectError> {
         let key = self
             .keys
             .key(role)
@@ -100,8 +133,46 @@ impl Target {
                 target: self.name.clone(),
                 role: role.name(),
             }))?;
-        Client::connect(self.addr.as_str(), &self.name, role, &key, timeout)
-            .map_err(ConnectError::Client)
+        let mut c = Client::connect(self.addr.as_str(), &self.name, role, &key, timeout)
+            .map_err(ConnectError::Client)?;
+        let why_soft = match self.transport {
+            Transport::Soft => Some("--transport soft".to_owned()),
+            Transport::Verbs => {
+                self.attach_verbs(&mut c).map_err(ConnectError::Verbs)?;
+                None
+            }
+            Transport::Auto => self.attach_verbs(&mut c).err(),
+        };
+        Ok((c, why_soft))
+    }
+
+    /// Connects as [`Target::connect_explained`] does.
+    pub fn connect(&self, role: Role, timeout: Duration) -> Result<Client, ConnectError> {
+        self.connect_explained(role, timeout).map(|(c, _)| c)
+    }
+
+    /// Puts `c`'s data path on verbs, or says why it cannot.
+    fn attach_verbs(&self, c: &mut Client) -> Result<(), String> {
+        if !c.descriptor().backends.iter().any(|b| b == "verbs") {
+            return Err(format!(
+                "the agent of {} offers no verbs backend (backends: {})",
+                self.name,
+                c.descriptor().backends.join(",")
+            ));
+        }
+        #[cfg(feature = "verbs")]
+        {
+            c.attach_verbs(self.rdma_device.as_deref())
+                .map_err(|e| format!("cannot connect an RDMA queue pair: {e}"))
+        }
+        #[cfg(not(feature = "verbs"))]
+        {
+            let _ = c;
+            Err(
+                "this bdctl was built without the verbs backend (cargo build --features verbs)"
+                    .into(),
+            )
+        }
     }
 }
 
@@ -114,6 +185,9 @@ pub enum ConnectError {
     /// The agent could not be reached or refused us.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// `--transport verbs`, and verbs cannot be used.
+    #[error("--transport verbs: {0}")]
+    Verbs(String),
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ const DESCRIBE_EVERY: Duration = Duration::from_millis(250);
 struct Watched {
     target: Target,
     client: Option<Client>,
+    /// The data path of the last connection, once said.
+    transport: Option<&'static str>,
     described: Option<Instant>,
     judge: Judge,
     last: Option<Observation>,
@@ -75,6 +77,7 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
         .map(|target| Watched {
             target,
             client: None,
+            transport: None,
             described: None,
             judge: Judge::new(),
             last: None,
@@ -164,10 +167,22 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
 
 fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String> {
     if w.client.is_none() {
-        let c = w
+        let (c, why_soft) = w
             .target
-            .connect(Role::Read, timeout)
+            .connect_explained(Role::Read, timeout)
             .map_err(|e| e.to_string())?;
+        // Said when it changes, not on every reconnect.
+        if w.transport != Some(c.data_path()) {
+            let why = why_soft
+                .map(|w| format!(" (not verbs: {w})"))
+                .unwrap_or_default();
+            eprintln!(
+                "bdctl: {}: reading over {}{why}",
+                w.target.name,
+                c.data_path()
+            );
+            w.transport = Some(c.data_path());
+        }
         w.client = Some(c);
         w.described = Some(Instant::now()); // WELCOME carried the descriptor
     }
