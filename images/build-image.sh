@@ -6,7 +6,7 @@
 #
 # Usage: build-image.sh [--role primary|healthy] [--sessions N]
 #                       [--hang-after SECONDS] [--expect ID:VERSION:KEYS,...]
-#                       [-h|--help]
+#                       [--cmdline-only] [-h|--help]
 #
 #   --role ROLE         which instance the command line asks for (the image
 #                       is the same): primary (default) serves bdkv and a
@@ -21,6 +21,10 @@
 #                       primary printed them ("BDIMG: session ID version V
 #                       keys K"): ID:V:K,...  /init polls `bdkv check` until
 #                       every one answers with its version and every key
+#   --cmdline-only      print only the CMDLINE= line for these options, and
+#                       build and download nothing (the image is the same
+#                       for every role; the lab asks this inside L1, where
+#                       the image was built beforehand on the host)
 #   -h, --help          show this help
 #
 # On success stdout holds exactly these lines, KEY=VALUE, in this order
@@ -33,6 +37,9 @@
 #                                            it skips the decompressor)
 #   INITRD=/abs/path/initrd-<hash>.cpio.gz   the initramfs (newc, gzip)
 #   MODULE=/abs/path/backdoor.ko             the module inside the initramfs
+#   MODULES=/abs/path/lib/modules/<release>  the kernel's own modules, with
+#                                            modules.dep (the lab's L1 runs
+#                                            this kernel and loads them)
 #   KDIR=/abs/path/linux-headers-<release>   the cached headers tree, a KDIR
 #                                            for `make module KDIR=...`
 #   CMDLINE=console=ttyS0 ...                the kernel command line to pass
@@ -71,7 +78,7 @@
 # builds nothing and takes a few seconds):
 #
 #   ${BDVMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/backdoor-vmm}/image/
-#     linux-<package version>/   kernel, vmlinux, config and headers tree
+#     linux-<package version>/   kernel, vmlinux, config, modules and headers tree
 #     busybox-<package version>/ busybox
 #     module-<release>-<hash>/   backdoor.ko and its build log
 #     initrd-<hash>.cpio.gz
@@ -87,7 +94,7 @@
 # Needs: apt-get, apt-cache, dpkg-deb, tar (Debian or a derivative) and
 # package lists that know linux-image-amd64 (`apt-get update`); make, the
 # compiler the kernel was built with (gcc-12 for Debian 12), libc6-dev,
-# binutils (readelf), python3, flock (util-linux), xz-utils (the kernel
+# binutils (readelf), python3, flock (util-linux), depmod (kmod), xz-utils (the kernel
 # payload), cargo with the x86_64-unknown-linux-gnu target.
 
 set -euo pipefail
@@ -130,7 +137,7 @@ vermagic() {
 }
 
 # fetch_kernel CACHE: download and unpack the kernel and its headers
-# (cached); sets the globals RELEASE, KDIR, KERNEL, VMLINUX.
+# (cached); sets the globals RELEASE, KDIR, KERNEL, VMLINUX, MODULES.
 fetch_kernel() {
 	local cache=$1 dep image_pkg version dir tmp common common_ver kbuild kbuild_ver kbuild_cand
 
@@ -144,7 +151,9 @@ fetch_kernel() {
 	KDIR=$dir/root/usr/src/linux-headers-$RELEASE
 	KERNEL=$dir/vmlinuz-$RELEASE
 	VMLINUX=$dir/vmlinux-$RELEASE
-	if [[ -f $dir/.complete ]]; then
+	MODULES=$dir/root/lib/modules/$RELEASE
+	# (A cache from before the modules were kept lacks modules.dep.)
+	if [[ -f $dir/.complete && -f $MODULES/modules.dep ]]; then
 		log "using cached kernel $RELEASE ($version)"
 		return 0
 	fi
@@ -172,13 +181,19 @@ fetch_kernel() {
 	for deb in "$tmp"/debs/*.deb; do
 		case ${deb##*/} in
 		linux-image-*)
-			# Only boot/: the rest is hundreds of MB of modules nobody needs here.
+			# boot/ for the kernel, lib/modules for the lab's L1, which
+			# runs this same kernel (tests/lab/lab.sh).
 			dpkg-deb --fsys-tarfile "$deb" | tar -xf - -C "$tmp/boot" ./boot ||
 				die "could not unpack boot/ from $deb"
+			dpkg-deb --fsys-tarfile "$deb" | tar -xf - -C "$tmp/root" ./lib/modules ||
+				die "could not unpack lib/modules from $deb"
 			;;
 		*) dpkg-deb -x "$deb" "$tmp/root" || die "could not unpack $deb" ;;
 		esac
 	done
+	[[ -d $tmp/root/lib/modules/$RELEASE/kernel ]] ||
+		die "$image_pkg $version contains no lib/modules/$RELEASE/kernel"
+	depmod -b "$tmp/root" "$RELEASE" || die "depmod of the modules of $RELEASE failed"
 	[[ -f $tmp/boot/boot/vmlinuz-$RELEASE ]] || die "$image_pkg $version contains no boot/vmlinuz-$RELEASE"
 	[[ -f $tmp/root/usr/src/linux-headers-$RELEASE/Module.symvers ]] ||
 		die "linux-headers-$RELEASE $version contains no usr/src/linux-headers-$RELEASE/Module.symvers"
@@ -186,7 +201,7 @@ fetch_kernel() {
 	if [[ -f $tmp/boot/boot/config-$RELEASE ]]; then
 		mv "$tmp/boot/boot/config-$RELEASE" "$tmp/config-$RELEASE"
 	fi
-	rm -rf "${tmp:?}/debs" "${tmp:?}/boot" "${tmp:?}/root/lib"
+	rm -rf "${tmp:?}/debs" "${tmp:?}/boot"
 
 	# Point the headers' absolute include at the cached -common tree (its
 	# final path, after the rename below).
@@ -330,7 +345,7 @@ prune_cache() {
 }
 
 main() {
-	local role=primary sessions=3 hang_after=0 expect='' cache cmdline
+	local role=primary sessions=3 hang_after=0 expect='' cache cmdline cmdline_only=0
 
 	while (($# > 0)); do
 		case $1 in
@@ -358,6 +373,9 @@ main() {
 			expect=$2
 			shift
 			;;
+		--cmdline-only)
+			cmdline_only=1
+			;;
 		*)
 			usage
 			die "unexpected argument '$1'"
@@ -373,8 +391,22 @@ main() {
 	[[ $sessions =~ ^[1-9][0-9]{0,3}$ ]] || die "--sessions wants a count from 1 to 9999, not '$sessions'"
 	[[ $hang_after =~ ^[0-9]{1,5}$ ]] || die "--hang-after wants whole seconds, not '$hang_after'"
 
+	cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1"
+	cmdline+=" backdoor.allow_hang=1 bdimg.role=$role"
+	if [[ $role == primary ]]; then
+		cmdline+=" bdimg.sessions=$sessions"
+		((hang_after == 0)) || cmdline+=" bdimg.hang_after=$hang_after"
+	elif [[ -n $expect ]]; then
+		cmdline+=" bdimg.expect=$expect"
+	fi
+	if ((cmdline_only)); then
+		echo "CMDLINE=$cmdline"
+		return 0
+	fi
+
 	check_apt_tools
 	need_tools "tar" tar
+	need_tools "kmod" depmod
 	need_tools "binutils" readelf
 	need_tools "coreutils" sha256sum
 	need_tools "util-linux" flock
@@ -392,20 +424,12 @@ main() {
 	build_initrd "$cache"
 	prune_cache "$cache"
 
-	cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1"
-	cmdline+=" backdoor.allow_hang=1 bdimg.role=$role"
-	if [[ $role == primary ]]; then
-		cmdline+=" bdimg.sessions=$sessions"
-		((hang_after == 0)) || cmdline+=" bdimg.hang_after=$hang_after"
-	elif [[ -n $expect ]]; then
-		cmdline+=" bdimg.expect=$expect"
-	fi
-
 	echo "KERNEL_RELEASE=$RELEASE"
 	echo "KERNEL=$KERNEL"
 	echo "VMLINUX=$VMLINUX"
 	echo "INITRD=$INITRD"
 	echo "MODULE=$MODULE"
+	echo "MODULES=$MODULES"
 	echo "KDIR=$KDIR"
 	echo "CMDLINE=$cmdline"
 }

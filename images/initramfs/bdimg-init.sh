@@ -15,14 +15,24 @@
 #   bdimg.hang_after=S          primary: S seconds after the sessions are
 #                               ready, hang the kernel through the module's
 #                               test-only trigger (needs backdoor.allow_hang=1)
+#                               instead of waiting for console commands
 #   backdoor.NAME=VALUE         the module's parameters, passed to insmod:
 #                               busybox insmod, unlike modprobe, does not
 #                               read them from /proc/cmdline itself
 #
-# Not yet run to the end anywhere: the machine it was written on has no
-# VMX/SVM, where Linux stops in early boot before /init.  What runs it is
-# tests/tests/guest_image.rs's full test, on hosts with hardware
-# virtualization; the busybox commands used were checked on the host.
+# Console commands (primary, once its sessions are ready; one per line on
+# the serial console, i.e. bdvmm's standard input), each answered with a
+# "BDIMG: " line:
+#   crash-bdkv    SIGKILL the serving bdkv, start it again, and check
+#                 (bdkv check) that every session resumed from the
+#                 driver's continuation area with its version and keys
+#   stop-bdkv     SIGSTOP bdkv: an application hang (its counter stops
+#                 while the kernel's keeps moving)
+#   cont-bdkv     SIGCONT it
+#   hang-kernel   hang the kernel through the module's test-only trigger
+#
+# Run by tests/tests/guest_image.rs on hosts with VMX/SVM and in the lab
+# (tests/lab/lab.sh), and by `make demo-linux`.
 
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
@@ -71,19 +81,63 @@ for _ in $(seq 50); do
 	sleep 0.1
 done
 [ -c /dev/backdoor ] || fail "backdoor.ko loaded but /dev/backdoor did not appear"
-say "module loaded:$modparams"
+say "module loaded: srcversion $(cat /sys/module/backdoor/srcversion) params$modparams"
 
 # bdkv serve ARGS: start the service; its log (stderr) goes to the console
-# line by line as "bdkv: ...", its stdout to /tmp/bdkv.out; wait until it
-# listens.
+# line by line as "bdkv: ...", its stdout to /tmp/bdkv.out, its PID to
+# /tmp/bdkv.pid; wait until it listens.
 start_bdkv() {
-	bdkv serve --listen "127.0.0.1:$PORT" "$@" 2>&1 >/tmp/bdkv.out |
-		while IFS= read -r line; do echo "bdkv: $line"; done &
+	rm -f /tmp/bdkv.out
+	# shellcheck disable=SC2016 # $$ is the inner shell's, which exec makes bdkv's
+	sh -c 'echo $$ >/tmp/bdkv.pid; exec bdkv serve "$@"' bdkv --listen "127.0.0.1:$PORT" "$@" \
+		2>&1 >/tmp/bdkv.out | while IFS= read -r line; do echo "bdkv: $line"; done &
 	for _ in $(seq 300); do
 		grep -q '^bdkv listening on ' /tmp/bdkv.out 2>/dev/null && return 0
 		sleep 0.1
 	done
 	fail "bdkv serve $* did not start listening within 30 s"
+}
+
+# The console commands of a primary (see the top of this file).
+serve_commands() {
+	say "waiting for commands on the console"
+	while read -r command; do
+		case $command in
+		crash-bdkv)
+			pid=$(cat /tmp/bdkv.pid)
+			kill -KILL "$pid" || fail "kill -KILL bdkv ($pid)"
+			while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+			say "bdkv $pid killed"
+			start_bdkv
+			bdkv check --addr "127.0.0.1:$PORT" --expect /tmp/sessions.txt >/tmp/check.out 2>/tmp/check.err ||
+				fail "bdkv restarted, but its sessions did not resume: $(cat /tmp/check.err)"
+			while IFS= read -r line; do say "resumed $line"; done </tmp/check.out
+			say "bdkv restarted as $(cat /tmp/bdkv.pid): all $(grep -c . /tmp/sessions.txt) sessions resumed"
+			;;
+		stop-bdkv)
+			kill -STOP "$(cat /tmp/bdkv.pid)" || fail "kill -STOP bdkv"
+			say "bdkv stopped"
+			;;
+		cont-bdkv)
+			kill -CONT "$(cat /tmp/bdkv.pid)" || fail "kill -CONT bdkv"
+			say "bdkv continued"
+			;;
+		hang-kernel)
+			hang_kernel
+			;;
+		'') ;;
+		*) say "unknown command '$command'" ;;
+		esac
+	done
+	say "console closed"
+}
+
+hang_kernel() {
+	say "hanging the kernel now"
+	# The module refuses unless it was loaded with allow_hang=1.
+	echo 1 >/sys/module/backdoor/parameters/hang_trigger ||
+		fail "the module's hang_trigger refused (is backdoor.allow_hang=1 on the command line?)"
+	fail "the kernel did not hang"
 }
 
 case $role in
@@ -101,12 +155,9 @@ primary)
 	if [ "$hang_after" -gt 0 ]; then
 		say "hanging the kernel in $hang_after s"
 		sleep "$hang_after"
-		say "hanging the kernel now"
-		# The module refuses unless it was loaded with allow_hang=1.
-		echo 1 >/sys/module/backdoor/parameters/hang_trigger ||
-			fail "the module's hang_trigger refused (is backdoor.allow_hang=1 on the command line?)"
-		fail "the kernel did not hang"
+		hang_kernel
 	fi
+	serve_commands
 	;;
 healthy)
 	start_bdkv --inbox

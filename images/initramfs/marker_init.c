@@ -5,6 +5,8 @@
  *
  *   BDVMM-INIT-MARKER: init reached user space
  *   BDVMM-INIT-MARKER: kernel <release>
+ *   BDVMM-INIT-MARKER: cpus online <list>      (/sys/devices/system/cpu/online)
+ *   BDVMM-INIT-MARKER: slept 100 ms            (the timer interrupt works)
  *
  * to the first serial port (falling back to /dev/console), then reboots.
  * With the VMM's default command line (reboot=k) the reboot goes through
@@ -20,6 +22,7 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/utsname.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MARKER "BDVMM-INIT-MARKER: "
@@ -56,6 +59,27 @@ static int open_console(void)
 	return STDOUT_FILENO;
 }
 
+/* The kernel's list of online CPUs, e.g. "0-1". */
+static void say_cpus_online(int fd)
+{
+	char list[64] = "unknown", line[128];
+	int in, len;
+	ssize_t n;
+
+	if (mount("sysfs", "/sys", "sysfs", 0, NULL) != 0 && errno != EBUSY)
+		perror("marker_init: mount sysfs on /sys");
+	in = open("/sys/devices/system/cpu/online", O_RDONLY | O_CLOEXEC);
+	if (in >= 0) {
+		n = read(in, list, sizeof(list) - 1);
+		list[n > 0 ? n : 0] = '\0';
+		list[strcspn(list, "\n")] = '\0';
+		close(in);
+	}
+	len = snprintf(line, sizeof(line), MARKER "cpus online %s\n", list);
+	if (len > 0)
+		write_all(fd, line, (size_t)len < sizeof(line) ? (size_t)len : sizeof(line) - 1);
+}
+
 int main(void)
 {
 	struct utsname uts;
@@ -76,6 +100,11 @@ int main(void)
 	len = snprintf(line, sizeof(line), MARKER "kernel %s\n", uts.release);
 	if (len > 0)
 		write_all(fd, line, (size_t)len < sizeof(line) ? (size_t)len : sizeof(line) - 1);
+
+	say_cpus_online(fd);
+	/* Without timer interrupts (no IO-APIC found) this never returns. */
+	if (nanosleep(&(struct timespec){ .tv_nsec = 100 * 1000 * 1000 }, NULL) == 0)
+		write_all(fd, MARKER "slept 100 ms\n", strlen(MARKER "slept 100 ms\n"));
 
 	sync();
 	reboot(RB_AUTOBOOT);

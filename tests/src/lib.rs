@@ -63,6 +63,8 @@ pub fn guest(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
+    /// bdvmm's standard input: the guest's serial console input.
+    stdin: Option<std::process::ChildStdin>,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     api_sock: PathBuf,
@@ -80,15 +82,17 @@ impl Vm {
             .args(args)
             .arg("--api-sock")
             .arg(&api_sock)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start bdvmm");
+        let stdin = child.stdin.take();
         let stdout = capture(child.stdout.take().expect("piped stdout"));
         let stderr = capture(child.stderr.take().expect("piped stderr"));
         Self {
             child,
+            stdin,
             stdout,
             stderr,
             api_sock,
@@ -112,6 +116,20 @@ impl Vm {
         }
         args.extend_from_slice(extra);
         Self::start(&args)
+    }
+
+    /// Types `text` on the guest's serial console (bdvmm's standard input).
+    pub fn send_console(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("bdvmm's stdin is open");
+        stdin
+            .write_all(text.as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("write to bdvmm's stdin");
+    }
+
+    /// Closes the guest's console input (bdvmm sees end of file).
+    pub fn close_console(&mut self) {
+        self.stdin = None;
     }
 
     /// A scratch directory that lives as long as the VM.
@@ -294,6 +312,51 @@ pub fn has_hardware_virtualization() -> bool {
     info.lines()
         .filter(|l| l.starts_with("flags"))
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// Whether this host's CPU is AMD's (so KVM runs guests with SVM).
+pub fn host_is_amd() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .contains("AuthenticAMD")
+}
+
+/// Whether a test that needs hardware virtualization can run here. If not,
+/// it prints `SKIP: <test>: <why>` and the caller returns; under
+/// `BDVMM_REQUIRE_LAB=1` (the lab, and CI) it fails instead, because there
+/// the test must run (tests/lab/tests.list).
+pub fn can_run_with_hardware_virtualization(test: &str) -> bool {
+    if has_hardware_virtualization() {
+        return true;
+    }
+    skip(
+        test,
+        "it needs VMX or SVM; this host's KVM runs guest ring 0 in an instruction emulator \
+         (PVM), where Linux stops in early boot. `make lab` runs it inside the lab \
+         (tests/lab/lab.sh)",
+    );
+    false
+}
+
+/// Prints `SKIP: <test>: <why>`, or panics where skips are failures
+/// (`BDVMM_REQUIRE_LAB=1`). The line also goes to `$BDVMM_SKIP_LOG` if set
+/// (tests/run.sh's summary reads it: libtest hides a passing test's output).
+pub fn skip(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("BDVMM_REQUIRE_LAB").is_none_or(|v| v != "1"),
+        "{test} cannot run here ({why}), and BDVMM_REQUIRE_LAB=1 makes a skip a failure"
+    );
+    let line = format!("SKIP: {test}: {why}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("BDVMM_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
 }
 
 /// Exit statuses documented in vmm/src/exit_code.rs.

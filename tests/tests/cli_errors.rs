@@ -104,7 +104,10 @@ fn hugepages_without_reserved_pages_is_explained() {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
     if free >= 32 {
-        eprintln!("SKIP: this host has {free} free huge pages; the error path needs none");
+        bdvmm_tests::skip(
+            "hugepages_without_reserved_pages_is_explained",
+            &format!("this host has {free} free huge pages; the error path needs none"),
+        );
         return;
     }
     let g = guest("hello");
@@ -145,11 +148,17 @@ fn run_without_kvm(setup: &str, extra: &str) -> Option<(Option<i32>, String)> {
 fn no_kvm_device_and_no_permission_are_explained() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: needs root to build a mount namespace without /dev/kvm");
+        bdvmm_tests::skip(
+            "no_kvm_device_and_no_permission_are_explained",
+            "needs root to build a mount namespace without /dev/kvm",
+        );
         return;
     }
     let Some((code, err)) = run_without_kvm("mount -t tmpfs none /dev", "") else {
-        eprintln!("SKIP: mount namespaces are not available here");
+        bdvmm_tests::skip(
+            "no_kvm_device_and_no_permission_are_explained",
+            "mount namespaces are not available here",
+        );
         return;
     };
     assert_eq!(code, Some(exit::ERROR), "{err}");
@@ -159,7 +168,10 @@ fn no_kvm_device_and_no_permission_are_explained() {
         "chmod 0600 /dev/kvm 2>/dev/null; true",
         "setpriv --reuid=65534 --regid=65534 --clear-groups",
     ) else {
-        eprintln!("SKIP: mount namespaces are not available here");
+        bdvmm_tests::skip(
+            "no_kvm_device_and_no_permission_are_explained",
+            "mount namespaces are not available here",
+        );
         return;
     };
     assert_eq!(code, Some(exit::ERROR), "{err}");

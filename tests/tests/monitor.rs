@@ -221,7 +221,10 @@ impl Drop for Netns {
 #[test]
 fn a_cut_network_path_is_unreachable_never_hung_and_watching_resumes() {
     let Some(ns) = Netns::create() else {
-        eprintln!("SKIP: cannot create a network namespace with a veth link here (needs root and iproute2)");
+        bdvmm_tests::skip(
+            "a_cut_network_path_is_unreachable_never_hung_and_watching_resumes",
+            "cannot create a network namespace with a veth link here (needs root and iproute2)",
+        );
         return;
     };
     // The guest's host lives in the namespace; the monitor stays outside.
