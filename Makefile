@@ -30,24 +30,52 @@ module:
 	@cat guest-driver/build.log
 	@! grep -q 'warning:' guest-driver/build.log || { echo "module: the build has warnings (W=1)" >&2; exit 1; }
 
+# What the system must provide (tools/deps.sh): checked every time, and
+# installed in one apt-get when run as root on Debian or Ubuntu.
+.PHONY: deps-demo deps-test deps-lab
+deps-demo:
+	@./tools/deps.sh ensure demo
+deps-test:
+	@./tools/deps.sh ensure test lab
+
 # The main job on its embedded default (see README).
-demo: build
+demo: deps-demo build
 	./demo.sh
 
-# Style, lints, and every test. CI runs exactly this.
-test: guests module
+# The same story with real Linux guests (backdoor.ko, bdkv), in the lab
+# (tests/lab/lab.sh), or directly where the host has VMX/SVM.
+.PHONY: demo-linux
+demo-linux: deps-test guests
+	./demo-linux.sh
+
+# Style, lints, and every test: on this host, then in the lab whatever
+# needs VMX/SVM or RDMA this host lacks. CI runs exactly this.
+test: deps-test guests module
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p backdoor-agent -p bdvmm --features backdoor-agent/verbs,bdvmm/verbs --all-targets -- -D warnings
+	$(CARGO) clippy -p backdoor-agent -p bdvmm -p bdctl --features backdoor-agent/verbs,bdvmm/verbs,bdctl/verbs --all-targets -- -D warnings
 	$(CARGO) build -p bdvmm -p bdctl
-	$(CARGO) test --workspace
-	$(CARGO) test -p backdoor-agent --features verbs
+	./tests/run.sh
+
+# Every lab test inside the lab, whatever the host has (tests/lab/tests.list).
+.PHONY: lab
+lab: deps-test guests
+	./tests/lab/lab.sh --all
 
 # The benchmark suite (bench/): results/BENCHMARKS.md, results/benchmarks.json
 # and results/plots/. `make bench QUICK=1` (or BDBENCH_QUICK=1): a quick run.
+# Section 7 (RDMA verbs) needs a device: where the host has none, it runs in
+# the lab (tests/lab/lab.sh), with its report in results/lab/.
+LAB_BENCH := target/lab/release
 bench: guests
 	$(CARGO) build --release -p bdvmm -p bdctl -p bdbench
 	./target/release/bdbench $(if $(QUICK),--quick)
+	@if ls /sys/class/infiniband/* >/dev/null 2>&1; then :; else \
+		$(CARGO) build -q --release --target-dir target/lab -p bdvmm -p bdctl -p bdbench \
+			--features bdvmm/verbs,bdctl/verbs,bdbench/verbs && \
+		./tests/lab/lab.sh exec bench-rdma 1200 $(LAB_BENCH)/bdbench --only rdma \
+			$(if $(QUICK),--quick) --out target/lab/run/bench && \
+		mkdir -p results/lab && cp -r target/lab/run/bench/. results/lab/; fi
 
 clean:
 	$(MAKE) -s -C images clean
