@@ -336,9 +336,28 @@ mod tests {
             (0x20_0000, 2, 4, 64 << 20, 0xb000_0000)
         );
         assert_eq!(
-            r.rflags, 2,
-            "interrupts off; port access comes from the TSS bitmap"
+            r.rflags,
+            2 | 3 << 12,
+            "interrupts off; port access from IOPL 3 (and the TSS bitmap, for PVM)"
         );
+    }
+
+    #[test]
+    fn ring0_test_guests_and_linux_get_no_iopl() {
+        for entry in [
+            Entry::TestGuest {
+                rip: 0x20_0000,
+                ring: Ring::Zero,
+                ram: 64 << 20,
+                backdoor: 0,
+            },
+            Entry::Linux {
+                rip: 0x100_0000,
+                zero_page: 0x7000,
+            },
+        ] {
+            assert_eq!(entry_regs(entry, 0, 1).rflags, 2, "{entry:?}");
+        }
     }
 
     #[test]
