@@ -240,7 +240,9 @@ mod tests {
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .unwrap_or(0);
         if free >= 4 {
-            let why = format!("this host has {free} free huge pages, so the error path cannot be exercised");
+            let why = format!(
+                "this host has {free} free huge pages, so the error path cannot be exercised"
+            );
             // Where skips are failures (CI, the lab), this one is too.
             assert!(
                 std::env::var_os("BDVMM_REQUIRE_LAB").is_none_or(|v| v != "1"),
