@@ -53,6 +53,29 @@ pub fn hook(id: u32, gpa: u64, len: u64, kind: HookKind, name: &str) -> Hook {
 /// Serves `hooks` of `mem` on a loopback port; `busy_poll` is the agent's
 /// spin window after each request (None: the agent's default).
 pub fn serve(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration>) -> SocketAddr {
+    start(agent(mem, hooks, busy_poll))
+}
+
+/// As [`serve`], with the RDMA verbs backend on `device` (or the first).
+#[cfg(feature = "verbs")]
+pub fn serve_with_verbs(
+    mem: Arc<GuestMemory>,
+    hooks: Vec<Hook>,
+    device: Option<&str>,
+) -> SocketAddr {
+    let verbs = backdoor_agent::verbs::VerbsBackend::open(mem.clone(), device)
+        .expect("open the RDMA device for the agent");
+    start(agent(mem, hooks, None).with_verbs(Arc::new(verbs)))
+}
+
+fn start(agent: Agent) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("local address");
+    Arc::new(agent).serve(l).expect("serve");
+    addr
+}
+
+fn agent(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration>) -> Agent {
     let desc = Descriptor {
         generation: 1,
         sealed: true,
@@ -66,10 +89,7 @@ pub fn serve(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration
     if let Some(d) = busy_poll {
         agent = agent.with_busy_poll(d);
     }
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let addr = l.local_addr().expect("local address");
-    Arc::new(agent).serve(l).expect("serve");
-    addr
+    agent
 }
 
 /// A read-role client of a fake guest.

@@ -1,5 +1,6 @@
-//! bdbench: backdoor-vmm's benchmark suite. Six sections (issue 7), each
-//! figure measured in the same run as its baseline and given as a ratio;
+//! bdbench: backdoor-vmm's benchmark suite. Seven sections (issue 7; the
+//! seventh, RDMA verbs, runs in the lab), each figure measured in the same
+//! run as its baseline and given as a ratio;
 //! the result is `BENCHMARKS.md`, `benchmarks.json` and SVG plots.
 
 pub mod affinity;
@@ -9,6 +10,7 @@ pub mod fake_guest;
 pub mod machine;
 pub mod overhead;
 pub mod plot;
+pub mod rdma;
 pub mod remote_reads;
 pub mod report;
 pub mod report_cost;
@@ -61,14 +63,15 @@ impl Ctx {
 /// A section of the suite: its key and how to run it.
 pub type SectionFn = fn(&Ctx) -> Section;
 
-/// The six sections, in the issue's order.
-pub const SECTIONS: [(&str, SectionFn); 6] = [
+/// The sections, in order.
+pub const SECTIONS: [(&str, SectionFn); 7] = [
     ("report_cost", report_cost::run),
     ("overhead", overhead::run),
     ("remote_reads", remote_reads::run),
     ("detection", detection::run),
     ("extraction", extraction::run),
     ("startup", startup::run),
+    ("rdma", rdma::run),
 ];
 
 /// Errors of the suite as a whole.

@@ -61,7 +61,7 @@ impl Figure {
     }
 }
 
-/// One of the six sections.
+/// One section.
 #[derive(Debug, Clone, Serialize)]
 pub struct Section {
     /// 1..=6, as in the issue.
@@ -160,10 +160,12 @@ impl Report {
         for sec in &self.sections {
             let _ = writeln!(s, "## {}. {}\n", sec.number, sec.title);
             let _ = writeln!(s, "{}\n", sec.method);
-            let _ = writeln!(
-                s,
-                "| figure | result | baseline (same run) | ratio |\n|---|---|---|---|"
-            );
+            if !sec.figures.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "| figure | result | baseline (same run) | ratio |\n|---|---|---|---|"
+                );
+            }
             for f in &sec.figures {
                 let (b, r) = match (&f.baseline, f.ratio) {
                     (Some(b), Some(r)) => (format!("{}: {}", b.name, b.result), ratio_text(r)),

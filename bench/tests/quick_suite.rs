@@ -1,7 +1,9 @@
 //! Runs the whole suite in quick mode into a temporary directory and
-//! checks the report: both files, the machine, all six sections, each
-//! with measured numbers and at least one ratio against its baseline,
-//! and every linked plot. No timing is asserted.
+//! checks the report: both files, the machine, every section, each with
+//! measured numbers and at least one ratio against its baseline (or, for
+//! the RDMA section on a host without a device, a note saying so), and
+//! every linked plot. No figure is judged: a loaded machine gives worse
+//! numbers, never a failure.
 
 use std::path::Path;
 use std::process::Command;
@@ -59,7 +61,8 @@ fn quick_suite_writes_a_complete_report() {
             "remote_reads",
             "detection",
             "extraction",
-            "startup"
+            "startup",
+            "rdma"
         ]
     );
     for (i, s) in sections.iter().enumerate() {
@@ -71,6 +74,17 @@ fn quick_suite_writes_a_complete_report() {
             "{key} in the Markdown"
         );
         let figures = s["figures"].as_array().expect("figures");
+        if key == "rdma" && figures.is_empty() {
+            // No RDMA device here (the lab measures it): the report says so.
+            let notes = s["notes"].as_array().expect("notes");
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.as_str().is_some_and(|n| n.starts_with("Not measured"))),
+                "{s}"
+            );
+            continue;
+        }
         assert!(!figures.is_empty(), "{key} has figures");
         for f in figures {
             let v = f["value"].as_f64().expect("numeric value");
