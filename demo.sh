@@ -79,7 +79,7 @@ watch_and_hang() {
 	say "injecting the fault (a repair write to the guest's control word)..."
 	"$bdctl" write "shop1@$agent" --key-file "$work/keys.toml" control 0 0100000000000000 >/dev/null
 	wait "$watch" || true
-	grep -v HEALTHY "$work/watch.log" | sed 's/^/   /'
+	grep -v -e HEALTHY -e 'reading over' "$work/watch.log" | sed 's/^/   /'
 	say "guest's last words: $(tail -n 1 "$work/shop1.log")"
 }
 
