@@ -25,6 +25,8 @@ use crate::wire::{Msg, MAX_READ};
 pub const LOCAL_BUFFER: usize = MAX_READ as usize;
 /// Default bound on one work request's completion.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client spins for a completion before it sleeps between polls.
+const SPIN: Duration = Duration::from_millis(1);
 /// Work requests posted as one chain (the send queue's depth): a batch of
 /// small READs costs one completion per chain, not one per READ.
 pub const CHAIN: usize = 32;
@@ -417,7 +419,6 @@ impl VerbsClient {
 
     fn wait(&mut self, wr_id: u64, op: &'static str) -> Result<(), VerbsError> {
         let start = Instant::now();
-        let mut spins = 0u32;
         loop {
             match self.cq.poll_one() {
                 Err(e) => {
@@ -443,12 +444,15 @@ impl VerbsClient {
                     tracing::debug!(wr_id = stale.wr_id(), "verbs: ignoring a stale completion")
                 }
                 Ok(None) => {
-                    if start.elapsed() > self.timeout {
+                    let waited = start.elapsed();
+                    if waited > self.timeout {
                         self.broken = true;
                         return Err(VerbsError::Timeout(op));
                     }
-                    spins += 1;
-                    if spins < 1000 {
+                    // A completion takes microseconds on a NIC: spin (by
+                    // time, not by count, so a slow machine spins as long),
+                    // and only then yield the CPU.
+                    if waited < SPIN {
                         std::hint::spin_loop();
                     } else {
                         std::thread::sleep(Duration::from_micros(20));
