@@ -38,9 +38,12 @@ fatal() {
 	power_off
 }
 
-# A fresh /tmp and /run: the host's own would show through the overlay.
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# A fresh /run, and a fresh temporary directory in it for the tests (the
+# host's /tmp shows through the overlay, and a tmpfs over /tmp would hide
+# a repository or run directory that lives there).
 mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -m 1777 /run/lab-tmp
+export TMPDIR=/run/lab-tmp
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm

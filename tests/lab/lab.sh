@@ -258,7 +258,7 @@ write_wrappers() {
 	{
 		echo '#!/bin/sh'
 		echo '# VMs take L1s CPUs in turn (tests/lab/lab.sh, write_wrappers).'
-		echo 'cpu=$(flock /tmp/bdvmm-cpu.lock sh -c '"'"'n=$(cat /tmp/bdvmm-cpu 2>/dev/null || echo 0); echo $(((n + 1) % $(nproc))) >/tmp/bdvmm-cpu; echo $n'"'"')'
+		echo 'cpu=$(flock /run/bdvmm-cpu.lock sh -c '"'"'n=$(cat /run/bdvmm-cpu 2>/dev/null || echo 0); echo $(((n + 1) % $(nproc))) >/run/bdvmm-cpu; echo $n'"'"')'
 		printf 'exec taskset -c "$cpu" %q "$@"\n' "$TARGET/debug/bdvmm"
 	} >"$RUN/bin/bdvmm"
 	chmod +x "$RUN/bin/bdvmm"
@@ -303,6 +303,12 @@ boot_l1() {
 		boots=$((boots + 1))
 		one_boot "$verbose" "$stream" "$timeout_s" "$boots"
 		((L1_DONE)) && break
+		if ((L1_FATAL)); then
+			# Set-up failed: another boot would fail the same way.
+			while IFS=$'\t' read -r name _; do failures+=("$name (not run)"); done <"$RUN/plan"
+			failed=$((failed + $(wc -l <"$RUN/plan")))
+			break
+		fi
 		# L1 died. The entry it was running gets one more try in a fresh L1.
 		if [[ -n $L1_CURRENT ]]; then
 			if [[ -n ${retried[$L1_CURRENT]:-} ]]; then
@@ -329,7 +335,7 @@ one_boot() {
 	local ready=0 boot_start=$SECONDS
 	local -a qemu
 
-	L1_DONE=0 L1_CURRENT=''
+	L1_DONE=0 L1_FATAL=0 L1_CURRENT=''
 	accel=${BDVMM_LAB_ACCEL:-tcg,thread=multi}
 	cmdline="console=ttyS0 quiet loglevel=3 mitigations=off panic=-1 lab.run=$RUN"
 	cmdline+=" lab.script=$HERE/l1-run.sh"
@@ -380,6 +386,7 @@ one_boot() {
 			L1_DONE=1
 			;;
 		fatal\ *)
+			L1_FATAL=1
 			log "L1 set-up failed: ${line#fatal }"
 			;;
 		alive\ *)
