@@ -37,26 +37,33 @@ pub enum KeyError {
 pub struct Keys {
     read: String,
     repair: Option<String>,
+    forensic: Option<String>,
 }
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keys")
             .field("repair", &self.repair.is_some())
+            .field("forensic", &self.forensic.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Keys {
     /// Parses a key file: TOML with `read = "<hex>"` and optionally
-    /// `repair = "<hex>"`, each at least 16 bytes (32 hex digits).
+    /// `repair = "<hex>"` and `forensic = "<hex>"` (the VMM's view of all
+    /// guest RAM), each at least 16 bytes (32 hex digits), all different.
     pub fn parse(text: &str, path: &str) -> Result<Self, KeyError> {
         let invalid = |detail: String| KeyError::Invalid {
             path: path.to_owned(),
             detail,
         };
         let keys: Keys = toml::from_str(text).map_err(|e| invalid(e.message().to_owned()))?;
-        for (role, key) in [("read", Some(&keys.read)), ("repair", keys.repair.as_ref())] {
+        for (role, key) in [
+            ("read", Some(&keys.read)),
+            ("repair", keys.repair.as_ref()),
+            ("forensic", keys.forensic.as_ref()),
+        ] {
             if let Some(k) = key {
                 let bytes =
                     decode_hex(k).ok_or_else(|| invalid(format!("the {role} key is not hex")))?;
@@ -70,6 +77,13 @@ impl Keys {
         }
         if keys.repair.as_deref() == Some(keys.read.as_str()) {
             return Err(invalid("the read and repair keys must differ".into()));
+        }
+        if let Some(f) = keys.forensic.as_deref() {
+            if f == keys.read || keys.repair.as_deref() == Some(f) {
+                return Err(invalid(
+                    "the forensic key must differ from the others".into(),
+                ));
+            }
         }
         Ok(keys)
     }
@@ -89,6 +103,7 @@ impl Keys {
         match role {
             Role::Read => decode_hex(&self.read),
             Role::Repair => self.repair.as_deref().and_then(decode_hex),
+            Role::Forensic => self.forensic.as_deref().and_then(decode_hex),
         }
     }
 }

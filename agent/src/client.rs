@@ -461,6 +461,15 @@ impl Client {
         }
     }
 
+    /// Where the VMM says the guest's vCPUs are (its JSON report).
+    pub fn vcpus(&mut self) -> Result<serde_json::Value, ClientError> {
+        match self.call(&Msg::Vcpus)? {
+            Msg::VcpusInfo(json) => serde_json::from_slice(&json)
+                .map_err(|e| ClientError::Protocol(format!("bad vCPU report: {e}"))),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Sends a raw message and returns the raw reply (for tools and tests of the agent's checks).
     pub fn raw(&mut self, msg: &Msg) -> Result<Msg, ClientError> {
         self.call(msg)

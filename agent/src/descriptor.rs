@@ -154,3 +154,36 @@ impl DescriptorSource for PushedDescriptor {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 }
+
+/// Where the VMM says the guest's vCPUs are (bdvmm's `vcpus`: registers as
+/// of each vCPU's last exit, or of a kick).
+pub trait VcpuSource: Send + Sync {
+    /// The report as JSON (`{"vcpus": [...], ...}`), or None if the VMM
+    /// gave none.
+    fn vcpus(&self) -> Option<serde_json::Value>;
+}
+
+/// The last vCPU report a separate VMM pushed over the link, and when.
+#[derive(Debug, Default)]
+pub struct PushedVcpus {
+    last: Mutex<Option<(serde_json::Value, std::time::Instant)>>,
+}
+
+impl PushedVcpus {
+    /// Replaces the report.
+    pub fn update(&self, v: serde_json::Value) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((v, std::time::Instant::now()));
+    }
+}
+
+impl VcpuSource for PushedVcpus {
+    fn vcpus(&self) -> Option<serde_json::Value> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let (v, at) = last.as_ref()?;
+        let mut v = v.clone();
+        // Pushed every few hundred milliseconds, without a kick: say how old.
+        v["age_ms"] =
+            serde_json::json!(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
+        Some(v)
+    }
+}

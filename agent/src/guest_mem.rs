@@ -102,6 +102,11 @@ impl GuestMemory {
         })
     }
 
+    /// The guest's RAM ranges.
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
     /// The host address of `[gpa, gpa + len)` if it lies inside one RAM range.
     pub fn host_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
         let end = gpa.checked_add(len)?;

@@ -18,7 +18,9 @@ pub mod vmm_link;
 pub mod wire;
 
 pub use client::{Client, ClientError, RemoteSlot};
-pub use descriptor::{DescriptorSource, PublicDescriptor, PushedDescriptor};
+pub use descriptor::{
+    DescriptorSource, PublicDescriptor, PushedDescriptor, PushedVcpus, VcpuSource,
+};
 pub use guest_mem::{GuestMemory, RamRange};
 pub use server::Agent;
 pub use wire::{ErrorCode, Role};

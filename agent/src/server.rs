@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use backdoor_dev::Descriptor;
+
 use crate::access::{authorize, Op, Refusal};
 use crate::auth::{self, Keys};
-use crate::descriptor::{DescriptorSource, PublicDescriptor};
+use crate::descriptor::{DescriptorSource, PublicDescriptor, VcpuSource};
 use crate::guest_mem::GuestMemory;
 use crate::wire::{
     read_msg, spin_until_readable, write_msg, ErrorCode, Msg, Role, WireError, MAX_READ,
@@ -45,6 +47,7 @@ pub struct Agent {
     mem: Arc<GuestMemory>,
     source: Arc<dyn DescriptorSource>,
     verbs: Option<Arc<dyn VerbsService>>,
+    vcpus: Option<Arc<dyn VcpuSource>>,
     max_connections: usize,
     connections: AtomicUsize,
     busy_poll: Duration,
@@ -73,6 +76,7 @@ impl Agent {
             mem,
             source,
             verbs: None,
+            vcpus: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connections: AtomicUsize::new(0),
             busy_poll: DEFAULT_BUSY_POLL,
@@ -90,6 +94,12 @@ impl Agent {
     /// Offers RDMA verbs too.
     pub fn with_verbs(mut self, verbs: Arc<dyn VerbsService>) -> Self {
         self.verbs = Some(verbs);
+        self
+    }
+
+    /// Answers VCPUS from `vcpus` (the VMM's report of its vCPUs).
+    pub fn with_vcpus(mut self, vcpus: Arc<dyn VcpuSource>) -> Self {
+        self.vcpus = Some(vcpus);
         self
     }
 
@@ -260,8 +270,19 @@ impl Agent {
         Ok(Some(role))
     }
 
+    /// The hooks `role` sees: the guest's, and for the forensic role also
+    /// the VMM's read-only view of each RAM range (`ram@<guest address>`),
+    /// which no guest can register, see or change.
+    fn view(&self, role: Role) -> Descriptor {
+        let mut d = self.source.descriptor();
+        if role == Role::Forensic {
+            d.hooks.extend(forensic_hooks(self.mem.ranges()));
+        }
+        d
+    }
+
     fn public_descriptor(&self, role: Role) -> Vec<u8> {
-        let d = self.source.descriptor();
+        let d = self.view(role);
         let public =
             PublicDescriptor::new(&self.vm, &d, role, self.backends(), self.source.vmm_alive());
         serde_json::to_vec(&public).unwrap_or_default()
@@ -285,7 +306,7 @@ impl Agent {
                 offset,
                 len,
             } => {
-                let d = self.source.descriptor();
+                let d = self.view(role);
                 let gpa = authorize(&d, role, generation, hook, offset, u64::from(len), Op::Read)?;
                 let mut buf = vec![0u8; len as usize];
                 if !self.mem.read(gpa, &mut buf) {
@@ -297,7 +318,7 @@ impl Agent {
                 generation,
                 entries,
             } => {
-                let d = self.source.descriptor();
+                let d = self.view(role);
                 let total: u64 = entries.iter().map(|e| u64::from(e.len)).sum();
                 if total > u64::from(MAX_READ) {
                     return Err((
@@ -330,7 +351,7 @@ impl Agent {
                 offset,
                 data,
             } => {
-                let d = self.source.descriptor();
+                let d = self.view(role);
                 let gpa = authorize(
                     &d,
                     role,
@@ -352,7 +373,7 @@ impl Agent {
                 expected,
                 new,
             } => {
-                let d = self.source.descriptor();
+                let d = self.view(role);
                 let gpa = authorize(&d, role, generation, hook, offset, 8, Op::Atomic)?;
                 self.mem
                     .cas(gpa, expected, new)
@@ -365,13 +386,20 @@ impl Agent {
                 offset,
                 add,
             } => {
-                let d = self.source.descriptor();
+                let d = self.view(role);
                 let gpa = authorize(&d, role, generation, hook, offset, 8, Op::Atomic)?;
                 self.mem
                     .faa(gpa, add)
                     .map(Msg::AtomicOk)
                     .ok_or_else(|| internal("fetch-and-add"))
             }
+            Msg::Vcpus => match self.vcpus.as_ref().and_then(|v| v.vcpus()) {
+                Some(v) => Ok(Msg::VcpusInfo(serde_json::to_vec(&v).unwrap_or_default())),
+                None => Err((
+                    ErrorCode::Unsupported,
+                    "the VMM reports no vCPUs to this agent".into(),
+                )),
+            },
             Msg::VerbsConnect(endpoint) => match &self.verbs {
                 Some(v) => v
                     .connect(role, &self.source.descriptor(), &endpoint)
@@ -387,6 +415,23 @@ impl Agent {
             )),
         }
     }
+}
+
+/// Hook ids from here up are the VMM's forensic view, one per RAM range.
+pub const FORENSIC_HOOK_BASE: u32 = 0xffff_ff00;
+
+/// The forensic hooks over `ranges`.
+pub fn forensic_hooks(ranges: &[crate::RamRange]) -> impl Iterator<Item = backdoor_dev::Hook> + '_ {
+    (FORENSIC_HOOK_BASE..)
+        .zip(ranges)
+        .map(|(id, r)| backdoor_dev::Hook {
+            id,
+            gpa: r.guest_addr,
+            len: r.len,
+            kind: backdoor_abi::HookKind::Forensic,
+            perms: backdoor_abi::PERM_READ,
+            name: format!("ram@{:x}", r.guest_addr),
+        })
 }
 
 fn error(code: ErrorCode, message: String) -> Msg {

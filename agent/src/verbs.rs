@@ -864,7 +864,9 @@ impl Drop for Qp {
 pub fn qp_access(role: Role) -> ffi::ibv_access_flags {
     use ffi::ibv_access_flags as A;
     match role {
-        Role::Read => A::IBV_ACCESS_REMOTE_READ,
+        // The forensic view of all RAM is served over TCP only; over verbs
+        // the forensic role reads what the read role reads.
+        Role::Read | Role::Forensic => A::IBV_ACCESS_REMOTE_READ,
         Role::Repair => {
             A::IBV_ACCESS_REMOTE_READ | A::IBV_ACCESS_REMOTE_WRITE | A::IBV_ACCESS_REMOTE_ATOMIC
         }

@@ -16,7 +16,7 @@ use backdoor_dev::{BackdoorShared, Descriptor};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::descriptor::PushedDescriptor;
+use crate::descriptor::{PushedDescriptor, PushedVcpus, VcpuSource};
 use crate::guest_mem::{GuestMemory, MapError, RamRange};
 
 /// Longest hello or update line accepted from a VMM.
@@ -64,6 +64,7 @@ pub fn connect_and_publish(
     memfd: &File,
     hello: &Hello,
     shared: Arc<BackdoorShared>,
+    vcpus: Option<Arc<dyn VcpuSource>>,
 ) -> Result<(), LinkError> {
     let stream = send_hello(path, memfd, hello)?;
     let memfd = memfd.try_clone()?;
@@ -74,7 +75,7 @@ pub fn connect_and_publish(
         .spawn(move || {
             let mut stream = stream;
             loop {
-                publish(&stream, &shared);
+                publish(&stream, &shared, vcpus.as_deref());
                 tracing::warn!(
                     "agent link closed; waiting for an agent on {} to hand it guest RAM again",
                     path.display()
@@ -116,27 +117,35 @@ fn send_hello(path: &Path, memfd: &File, hello: &Hello) -> Result<UnixStream, Li
     Ok(stream)
 }
 
-/// Streams every change of the table to the agent until the link closes.
-fn publish(stream: &UnixStream, shared: &BackdoorShared) {
+/// Streams every change of the table to the agent until the link closes,
+/// and, every [`LINK_CHECK`], where the vCPUs were at their last exits.
+fn publish(stream: &UnixStream, shared: &BackdoorShared, vcpus: Option<&dyn VcpuSource>) {
     let mut w = stream;
     let mut seen = u64::MAX;
     loop {
         let (version, d) = shared.wait_change(seen, LINK_CHECK);
-        if version != seen {
+        let mut line = if version != seen {
             seen = version;
-            let mut line = serde_json::to_vec(&d).unwrap_or_default();
-            line.push(b'\n');
-            if let Err(e) = w.write_all(&line) {
-                tracing::debug!("agent link: {e}");
-                return;
-            }
+            serde_json::to_vec(&d).unwrap_or_default()
         } else if peer_closed(stream) {
             // A sealed table never changes, so a dead agent would go
             // unnoticed by writes alone.
             return;
+        } else if let Some(report) = vcpus.and_then(VcpuSource::vcpus) {
+            serde_json::to_vec(&serde_json::json!({ VCPUS_KEY: report })).unwrap_or_default()
+        } else {
+            continue;
+        };
+        line.push(b'\n');
+        if let Err(e) = w.write_all(&line) {
+            tracing::debug!("agent link: {e}");
+            return;
         }
     }
 }
+
+/// A link line that carries a vCPU report rather than a hook table.
+const VCPUS_KEY: &str = "vcpus_report";
 
 /// Whether the agent closed its end: it never writes on the link, so
 /// anything readable is the end of the stream (or an error).
@@ -153,12 +162,19 @@ fn peer_closed(stream: &UnixStream) -> bool {
     }
 }
 
+/// What the agent gets from a VMM: its name, guest RAM, and a table and a
+/// vCPU report that follow the VMM's updates.
+pub type Accepted = (
+    String,
+    Arc<GuestMemory>,
+    Arc<PushedDescriptor>,
+    Arc<PushedVcpus>,
+);
+
 /// Agent side: waits for a VMM on `listener`, maps its memfd, and returns
-/// the VM name, its memory and a table that follows the VMM's updates (on
-/// a thread) until the VMM goes away.
-pub fn accept(
-    listener: &UnixListener,
-) -> Result<(String, Arc<GuestMemory>, Arc<PushedDescriptor>), LinkError> {
+/// what [`Accepted`] holds, following the VMM's updates (on a thread)
+/// until the VMM goes away.
+pub fn accept(listener: &UnixListener) -> Result<Accepted, LinkError> {
     let (stream, _) = listener.accept()?;
     let (first, memfd) = recv_hello(&stream)?;
     // The first read may hold the hello and the start of an update: keep
@@ -183,16 +199,20 @@ pub fn accept(
     let mem = Arc::new(GuestMemory::map(memfd, hello.ranges.clone())?);
     let table = Arc::new(PushedDescriptor::new(hello.descriptor.clone()));
     let follower = table.clone();
+    let vcpus = Arc::new(PushedVcpus::default());
+    let vcpu_follower = vcpus.clone();
     std::thread::Builder::new().name("bd-vmm-link".into()).spawn(move || {
         loop {
             let mut line = Vec::new();
             match read_line(&mut reader, &mut line) {
                 Ok(0) => break,
-                Ok(_) => match serde_json::from_slice::<Descriptor>(&line) {
-                    Ok(d) => follower.update(d),
-                    Err(e) => {
-                        tracing::warn!("VMM link: ignoring a bad update: {e}");
-                    }
+                Ok(_) => match serde_json::from_slice::<serde_json::Value>(&line) {
+                    Ok(mut v) if v.get(VCPUS_KEY).is_some() => vcpu_follower.update(v[VCPUS_KEY].take()),
+                    Ok(v) => match serde_json::from_value::<Descriptor>(v) {
+                        Ok(d) => follower.update(d),
+                        Err(e) => tracing::warn!("VMM link: ignoring a bad update: {e}"),
+                    },
+                    Err(e) => tracing::warn!("VMM link: ignoring a bad update: {e}"),
                 },
                 Err(e) => {
                     tracing::warn!("VMM link: {e}");
@@ -203,7 +223,7 @@ pub fn accept(
         tracing::warn!("the VMM is gone; serving its last hook table from the guest memory this agent holds");
         follower.vmm_gone();
     })?;
-    Ok((hello.vm, mem, table))
+    Ok((hello.vm, mem, table, vcpus))
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; 0 at end of stream.
@@ -264,7 +284,7 @@ mod tests {
     }
 
     /// `accept` on `l`, failing the test if no VMM comes within 10 s.
-    fn accept_within(l: &UnixListener) -> (String, Arc<GuestMemory>, Arc<PushedDescriptor>) {
+    fn accept_within(l: &UnixListener) -> Accepted {
         let (tx, rx) = std::sync::mpsc::channel();
         let l = l.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -293,7 +313,7 @@ mod tests {
             descriptor: shared.snapshot(),
         };
         let first = UnixListener::bind(&path).unwrap();
-        connect_and_publish(&path, &memfd, &hello, shared.clone()).unwrap();
+        connect_and_publish(&path, &memfd, &hello, shared.clone(), None).unwrap();
         // The first agent takes the hello and the memfd, writes to guest
         // RAM, and dies (its end of the link closes).
         let (stream, _) = first.accept().unwrap();
@@ -313,7 +333,7 @@ mod tests {
 
         // A new agent on the same path gets the same guest RAM and the current table.
         let second = UnixListener::bind(&path).unwrap();
-        let (vm, mem, table) = accept_within(&second);
+        let (vm, mem, table, _) = accept_within(&second);
         assert_eq!(vm, "vm1");
         assert!(
             table.descriptor().sealed,

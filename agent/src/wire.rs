@@ -103,6 +103,9 @@ pub enum Role {
     Read = 1,
     /// May also write and use atomics on REPAIR hooks.
     Repair = 2,
+    /// May read what the read role may, and the VMM's forensic view of
+    /// all guest RAM (a separate key: docs/wire.md).
+    Forensic = 3,
 }
 
 impl Role {
@@ -110,6 +113,7 @@ impl Role {
         match v {
             1 => Some(Self::Read),
             2 => Some(Self::Repair),
+            3 => Some(Self::Forensic),
             _ => None,
         }
     }
@@ -119,6 +123,7 @@ impl Role {
         match self {
             Self::Read => "read",
             Self::Repair => "repair",
+            Self::Forensic => "forensic",
         }
     }
 }
@@ -236,6 +241,10 @@ pub enum Msg {
     VerbsConnect(Vec<u8>),
     /// Agent → client: verbs endpoint and regions (JSON).
     VerbsInfo(Vec<u8>),
+    /// Client → agent: where the guest's vCPUs are.
+    Vcpus,
+    /// Agent → client: the VMM's report of each vCPU (JSON, docs/wire.md).
+    VcpusInfo(Vec<u8>),
 }
 
 impl Msg {
@@ -259,6 +268,8 @@ impl Msg {
             Self::ReadBatchOk(_) => 16,
             Self::VerbsConnect(_) => 17,
             Self::VerbsInfo(_) => 18,
+            Self::Vcpus => 19,
+            Self::VcpusInfo(_) => 20,
         }
     }
 
@@ -288,12 +299,13 @@ impl Msg {
             | Self::ReadOk(b)
             | Self::ReadBatchOk(b)
             | Self::VerbsConnect(b)
-            | Self::VerbsInfo(b) => p.extend_from_slice(b),
+            | Self::VerbsInfo(b)
+            | Self::VcpusInfo(b) => p.extend_from_slice(b),
             Self::Error { code, message } => {
                 p.extend_from_slice(&(*code as u16).to_le_bytes());
                 put_str(&mut p, message);
             }
-            Self::Describe | Self::WriteOk => {}
+            Self::Describe | Self::WriteOk | Self::Vcpus => {}
             Self::Read {
                 generation,
                 hook,
@@ -459,6 +471,8 @@ impl Msg {
             16 => Self::ReadBatchOk(c.rest()),
             17 => Self::VerbsConnect(c.rest()),
             18 => Self::VerbsInfo(c.rest()),
+            19 => Self::Vcpus,
+            20 => Self::VcpusInfo(c.rest()),
             other => return malformed(format!("unknown message type {other}")),
         };
         if !c.0.is_empty() {

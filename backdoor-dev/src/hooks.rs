@@ -30,7 +30,7 @@ fn kind_name<S: serde::Serializer>(k: &HookKind, s: S) -> Result<S::Ok, S::Error
 
 fn kind_from_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HookKind, D::Error> {
     let name = String::deserialize(d)?;
-    [HookKind::ProgressBox, HookKind::StateBox, HookKind::Repair]
+    HookKind::ALL
         .into_iter()
         .find(|k| k.name() == name)
         .ok_or_else(|| serde::de::Error::custom(format!("unknown hook kind {name:?}")))

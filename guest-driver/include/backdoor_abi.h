@@ -94,6 +94,7 @@ struct bd_hook_desc {
 #define BD_KIND_PROGRESS_BOX	1
 #define BD_KIND_STATE_BOX	2
 #define BD_KIND_REPAIR		3
+#define BD_KIND_KERNEL		4	/* read-only kernel memory for forensics */
 	bd_u32 perms;			/* BD_PERM_*: what a remote may do */
 #define BD_PERM_READ		(1U << 0)
 #define BD_PERM_WRITE		(1U << 1)

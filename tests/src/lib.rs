@@ -392,16 +392,37 @@ pub mod keys {
         16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
     ];
 
+    /// The forensic-role key (the VMM's view of all guest RAM).
+    pub const FORENSIC: [u8; 16] = [
+        32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47,
+    ];
+
     fn hex(k: &[u8]) -> String {
         k.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Writes a key file with both roles into `dir`.
+    /// Writes a key file with the read and repair roles into `dir`.
     pub fn write_file(dir: &Path) -> PathBuf {
         let p = dir.join("keys.toml");
         std::fs::write(
             &p,
             format!("read = \"{}\"\nrepair = \"{}\"\n", hex(&READ), hex(&REPAIR)),
+        )
+        .expect("write key file");
+        p
+    }
+
+    /// Writes a key file with every role, the forensic one too, into `dir`.
+    pub fn write_file_with_forensic(dir: &Path) -> PathBuf {
+        let p = dir.join("keys-forensic.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "read = \"{}\"\nrepair = \"{}\"\nforensic = \"{}\"\n",
+                hex(&READ),
+                hex(&REPAIR),
+                hex(&FORENSIC)
+            ),
         )
         .expect("write key file");
         p

@@ -92,6 +92,7 @@ fn expectations() -> Vec<(&'static str, u64)> {
         ("BD_KIND_PROGRESS_BOX", HookKind::ProgressBox as u64),
         ("BD_KIND_STATE_BOX", HookKind::StateBox as u64),
         ("BD_KIND_REPAIR", HookKind::Repair as u64),
+        ("BD_KIND_KERNEL", HookKind::Kernel as u64),
         ("BD_PERM_READ", PERM_READ.into()),
         ("BD_PERM_WRITE", PERM_WRITE.into()),
         ("BD_PERM_ATOMIC", PERM_ATOMIC.into()),

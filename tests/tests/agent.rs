@@ -25,7 +25,7 @@ struct Served {
 /// bd_serve with the in-process agent on an ephemeral port.
 fn serve(ring: u8) -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let k = keys::write_file(dir.path());
+    let k = keys::write_file_with_forensic(dir.path());
     let mut vm = Vm::test_guest(
         "bd_serve",
         ring,
@@ -54,6 +54,7 @@ fn connect(addr: &str, role: Role) -> Client {
     let key = match role {
         Role::Read => keys::READ,
         Role::Repair => keys::REPAIR,
+        Role::Forensic => keys::FORENSIC,
     };
     Client::connect(addr, "vm1", role, &key, NET).expect("connect to the agent")
 }
@@ -412,4 +413,75 @@ fn several_monitors_at_once() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+#[test]
+fn only_the_forensic_role_sees_all_guest_ram_and_only_to_read_it() {
+    let s = serve(3);
+    let mut f = connect(&s.addr, Role::Forensic);
+    let ram: Vec<_> = f
+        .descriptor()
+        .hooks
+        .iter()
+        .filter(|h| h.kind == "forensic")
+        .cloned()
+        .collect();
+    assert_eq!(ram.len(), 1, "one RAM range: {:?}", f.descriptor());
+    assert_eq!((ram[0].name.as_str(), ram[0].len), ("ram@0", 64 << 20));
+    // It reads guest RAM anywhere: the progress box's counter 1 through
+    // its own hook and through the forensic view agree.
+    let progress_hook = hook(&f, "progress");
+    assert!(f.descriptor().hooks.iter().any(|h| h.id == progress_hook));
+    let b = f.read(ram[0].id, 0x0010_0000, 64).unwrap();
+    assert_eq!(b.len(), 64);
+    // Not to write.
+    let err = f.write(ram[0].id, 0x0010_0000, &[0; 8]).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{err}");
+    // The read and repair roles neither see it nor reach it.
+    for role in [Role::Read, Role::Repair] {
+        let mut c = connect(&s.addr, role);
+        assert!(!c.descriptor().hooks.iter().any(|h| h.kind == "forensic"));
+        let err = c.read(ram[0].id, 0, 8).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::NoHook), "{role:?}: {err}");
+    }
+}
+
+#[test]
+fn the_agents_report_where_the_vcpus_are() {
+    // In bdvmm's process: a kick makes the report fresh.
+    let s = serve(3);
+    let mut c = connect(&s.addr, Role::Read);
+    let v = c.vcpus().unwrap();
+    let cpu = &v["vcpus"][0];
+    assert_eq!(
+        (cpu["fresh"].as_bool(), cpu["cpl"].as_u64()),
+        (Some(true), Some(3)),
+        "{v}"
+    );
+    assert!(cpu["rip"].as_u64().is_some_and(|r| r >= 0x20_0000), "{v}");
+    // A separate agent: as of the last exits, pushed over the link.
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let agent = AgentProcess::start(dir.path(), &k);
+    let sock = agent.vmm_sock.to_str().unwrap().to_owned();
+    let mut vm = Vm::test_guest("bd_serve", 3, &["--name", "vm1", "--agent-sock", &sock]);
+    vm.wait_line("bd-serve: ready", T);
+    let mut c = connect(&agent.addr, Role::Read);
+    let deadline = std::time::Instant::now() + T;
+    let v = loop {
+        match c.vcpus() {
+            Ok(v) => break v,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let cpu = &v["vcpus"][0];
+    assert_eq!(
+        (cpu["fresh"].as_bool(), cpu["cpl"].as_u64()),
+        (Some(false), Some(3)),
+        "{v}"
+    );
+    assert!(v["age_ms"].as_u64().is_some_and(|a| a < 60_000), "{v}");
 }

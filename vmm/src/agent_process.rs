@@ -27,11 +27,12 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
         "bdvmm agent: monitors connect to {addr}; waiting for a VMM on {}",
         args.vmm_sock.display()
     );
-    let (vm, mem, table) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
+    let (vm, mem, table, vcpus) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
     eprintln!("bdvmm agent: serving the backdoor of {vm}");
     let source: Arc<dyn DescriptorSource> = table;
     let agent = Agent::new(vm, keys, mem.clone(), source.clone())
-        .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us));
+        .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
+        .with_vcpus(vcpus);
     let agent = Arc::new(with_verbs(agent, mem, &source));
     let handle = agent.serve(tcp).map_err(|e| e.to_string())?;
     let _ = handle.join();

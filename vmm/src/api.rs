@@ -153,6 +153,37 @@ impl VmControl {
             .collect()
     }
 
+    /// Where each vCPU is: with `fresh`, after a kick that makes every
+    /// running vCPU report now (up to [`LOCATE_TIMEOUT`]); without, as of
+    /// each one's last exit (no cost to the guest at all).
+    pub fn vcpus_report(&self, fresh: bool) -> serde_json::Value {
+        use serde_json::json;
+        // A paused vCPU is parked outside KVM_RUN: where it parked is
+        // where it is.
+        let wait = match self.lifecycle.run_state() {
+            RunState::Running if fresh => LOCATE_TIMEOUT,
+            _ => Duration::ZERO,
+        };
+        let located = if fresh {
+            crate::vcpu::locate(&self.locations, || self.lifecycle.kick_all(), wait)
+        } else {
+            self.locations.iter().map(|l| (l.last(), false)).collect()
+        };
+        let vcpus: Vec<_> = located
+            .into_iter()
+            .enumerate()
+            .map(|(i, (loc, fresh))| match loc {
+                Some(l) => {
+                    let mut v = serde_json::to_value(l).unwrap_or_default();
+                    v["fresh"] = json!(fresh);
+                    v
+                }
+                None => json!({"vcpu": i, "fresh": false}),
+            })
+            .collect();
+        json!({"ok": true, "state": self.state_name(), "vcpus": vcpus})
+    }
+
     fn state_name(&self) -> &'static str {
         match self.lifecycle.run_state() {
             RunState::Running => "running",
@@ -194,28 +225,7 @@ impl VmControl {
                 v["ok"] = json!(true);
                 v
             }
-            Request::Vcpus => {
-                // A paused vCPU is parked outside KVM_RUN: where it parked
-                // is where it is.
-                let wait = match self.lifecycle.run_state() {
-                    RunState::Running => LOCATE_TIMEOUT,
-                    _ => Duration::ZERO,
-                };
-                let vcpus: Vec<_> =
-                    crate::vcpu::locate(&self.locations, || self.lifecycle.kick_all(), wait)
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, (loc, fresh))| match loc {
-                            Some(l) => {
-                                let mut v = serde_json::to_value(l).unwrap_or_default();
-                                v["fresh"] = json!(fresh);
-                                v
-                            }
-                            None => json!({"vcpu": i, "fresh": false}),
-                        })
-                        .collect();
-                json!({"ok": true, "state": self.state_name(), "vcpus": vcpus})
-            }
+            Request::Vcpus => self.vcpus_report(true),
             Request::Pause => match self.lifecycle.pause(PAUSE_TIMEOUT) {
                 Ok(()) => json!({"ok": true, "state": "paused"}),
                 Err(e) => fail(&e),

@@ -82,6 +82,8 @@ pub struct Location {
     pub interrupts_enabled: bool,
     /// Page-table root.
     pub cr3: u64,
+    /// CR4 (LA57 says how many levels the page tables have).
+    pub cr4: u64,
     /// Privilege level (CS.DPL).
     pub cpl: u8,
     /// Whether KVM had it halted (waiting for an interrupt); known only
@@ -244,6 +246,7 @@ fn run_loop(mut fd: VcpuFd, ctx: VcpuContext) {
                     rflags: r.regs.rflags,
                     interrupts_enabled: r.regs.rflags & RFLAGS_IF != 0,
                     cr3: r.sregs.cr3,
+                    cr4: r.sregs.cr4,
                     cpl: r.sregs.cs.dpl,
                     halted,
                     exits,

@@ -124,6 +124,55 @@ pub struct Vmm {
     backdoor: Arc<BackdoorShared>,
     vmm_start_ns: u64,
     agent_addr: Option<String>,
+    /// The running machine's vCPUs, for the agents' VCPUS (read-only).
+    vcpus: Arc<VcpuReporter>,
+}
+
+/// Where the current machine's vCPUs are, for the backdoor agents: each
+/// boot puts its control here. The in-process agent asks for a fresh report
+/// (a kick); what is pushed to a separate agent is as of each vCPU's last
+/// exit, costing the guest nothing.
+#[derive(Debug, Default)]
+pub struct VcpuReporter {
+    current: std::sync::Mutex<Option<Arc<VmControl>>>,
+    fresh: bool,
+}
+
+impl VcpuReporter {
+    fn set(&self, control: Option<Arc<VmControl>>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = control;
+    }
+
+    /// The same machine, reported without kicks.
+    fn last_exits(self: &Arc<Self>) -> Arc<dyn backdoor_agent::VcpuSource> {
+        Arc::new(LastExits(self.clone()))
+    }
+}
+
+impl backdoor_agent::VcpuSource for VcpuReporter {
+    fn vcpus(&self) -> Option<serde_json::Value> {
+        let control = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(control.vcpus_report(self.fresh))
+    }
+}
+
+#[derive(Debug)]
+struct LastExits(Arc<VcpuReporter>);
+
+impl backdoor_agent::VcpuSource for LastExits {
+    fn vcpus(&self) -> Option<serde_json::Value> {
+        let control = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(control.vcpus_report(false))
+    }
 }
 
 impl Vmm {
@@ -139,6 +188,10 @@ impl Vmm {
             backdoor: BackdoorShared::new(random_generation()),
             vmm_start_ns,
             agent_addr: None,
+            vcpus: Arc::new(VcpuReporter {
+                current: std::sync::Mutex::new(None),
+                fresh: true,
+            }),
         };
         vmm.start_agent()?;
         Ok(vmm)
@@ -177,7 +230,8 @@ impl Vmm {
                 .to_string();
             let source: Arc<dyn DescriptorSource> = self.backdoor.clone();
             let agent = Agent::new(self.config.name.clone(), keys, mem.clone(), source.clone())
-                .with_busy_poll(self.config.agent_busy_poll);
+                .with_busy_poll(self.config.agent_busy_poll)
+                .with_vcpus(self.vcpus.clone());
             let agent = Arc::new(crate::agent_process::with_verbs(agent, mem, &source));
             agent.serve(listener).map_err(|e| agent_err(&e))?;
             eprintln!(
@@ -192,13 +246,19 @@ impl Vmm {
                 ranges: self.agent_ranges(),
                 descriptor: self.backdoor.snapshot(),
             };
-            vmm_link::connect_and_publish(path, self.ram.memfd(), &hello, self.backdoor.clone())
-                .map_err(|e| {
-                    VmmError::Agent(format!(
-                        "cannot hand guest RAM to the agent at {}: {e}",
-                        path.display()
-                    ))
-                })?;
+            vmm_link::connect_and_publish(
+                path,
+                self.ram.memfd(),
+                &hello,
+                self.backdoor.clone(),
+                Some(self.vcpus.last_exits()),
+            )
+            .map_err(|e| {
+                VmmError::Agent(format!(
+                    "cannot hand guest RAM to the agent at {}: {e}",
+                    path.display()
+                ))
+            })?;
         }
         Ok(())
     }
@@ -219,7 +279,10 @@ impl Vmm {
         let mut boots = 1;
         loop {
             let machine = Machine::build(&self, boots)?;
-            let why = machine.run(self.config.api_sock.as_deref())?;
+            self.vcpus.set(Some(machine.control.clone()));
+            let why = machine.run(self.config.api_sock.as_deref());
+            self.vcpus.set(None);
+            let why = why?;
             let reset = matches!(why, VmExit::Reset | VmExit::TripleFault { .. });
             if !(reset && self.config.on_reset == OnReset::Reboot) {
                 return Ok(why);

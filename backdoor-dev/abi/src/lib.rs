@@ -149,15 +149,33 @@ pub enum HookKind {
     StateBox = 2,
     /// A region an authorised monitor may write.
     Repair = 3,
+    /// Kernel memory the guest's driver publishes read-only for forensics:
+    /// the kernel's vmcoreinfo note and its printk ring buffer.
+    Kernel = 4,
+    /// The VMM's own read-only view of guest RAM, for monitors holding the
+    /// forensic key. Never registered by a guest: [`HookKind::from_u32`]
+    /// does not decode it.
+    Forensic = 0x1000,
 }
 
 impl HookKind {
-    /// Decodes a descriptor's kind field.
+    /// Every kind, guest-registrable or not.
+    pub const ALL: [Self; 5] = [
+        Self::ProgressBox,
+        Self::StateBox,
+        Self::Repair,
+        Self::Kernel,
+        Self::Forensic,
+    ];
+
+    /// Decodes a guest descriptor's kind field (only the kinds a guest may
+    /// register).
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::ProgressBox),
             2 => Some(Self::StateBox),
             3 => Some(Self::Repair),
+            4 => Some(Self::Kernel),
             _ => None,
         }
     }
@@ -168,6 +186,8 @@ impl HookKind {
             Self::ProgressBox => "progress_box",
             Self::StateBox => "state_box",
             Self::Repair => "repair",
+            Self::Kernel => "kernel",
+            Self::Forensic => "forensic",
         }
     }
 }
@@ -184,7 +204,9 @@ pub const PERM_ALL: u32 = PERM_READ | PERM_WRITE | PERM_ATOMIC;
 /// Whether `perms` is allowed for `kind` (docs/abi.md).
 pub fn perms_valid(kind: HookKind, perms: u32) -> bool {
     match kind {
-        HookKind::ProgressBox | HookKind::StateBox => perms == PERM_READ,
+        HookKind::ProgressBox | HookKind::StateBox | HookKind::Kernel | HookKind::Forensic => {
+            perms == PERM_READ
+        }
         HookKind::Repair => perms & !PERM_ALL == 0 && perms & PERM_READ != 0,
     }
 }
