@@ -8,6 +8,7 @@
 #define BACKDOOR_COMPAT_H
 
 #include <linux/mm.h>
+#include <linux/module.h>
 #include <linux/timer.h>
 #include <linux/version.h>
 
@@ -29,6 +30,25 @@ static inline void bd_vm_flags_mod(struct vm_area_struct *vma,
 	vm_flags_mod(vma, set, clear);
 #else
 	vma->vm_flags = (vma->vm_flags | set) & ~clear;
+#endif
+}
+
+/* 6.4 split a module's memory into mem[] by type. */
+static inline void *bd_module_text(struct module *m)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	return m->mem[MOD_TEXT].base;
+#else
+	return m->core_layout.base;
+#endif
+}
+
+static inline unsigned int bd_module_text_size(struct module *m)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	return m->mem[MOD_TEXT].size;
+#else
+	return m->core_layout.text_size;
 #endif
 }
 

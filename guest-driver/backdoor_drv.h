@@ -69,12 +69,19 @@ struct bd_drv {
 	void *inbox;			/* REPAIR hook; NULL if none */
 	size_t inbox_len;
 	u32 inbox_slot_size;
+
+	void *kinfo;			/* a page of text for the "kinfo" hook */
 };
 
 extern struct bd_drv bd_drv;
 
 int bd_cdev_register(void);
 void bd_cdev_unregister(void);
+
+/* Registers one hook over @len bytes of kernel memory at @mem. */
+int bd_register(const char *name, void *mem, size_t len, u32 kind, u32 perms);
+/* backdoor_klog.c: the kernel's vmcoreinfo and log as BD_KIND_KERNEL hooks. */
+int bd_klog_register(void);
 
 /* Counter @slot of the progress box. */
 static inline struct bd_counter *bd_counter_at(u32 slot)

@@ -66,6 +66,10 @@ static unsigned int os_deadline_ms = 1000;
 module_param(os_deadline_ms, uint, 0444);
 MODULE_PARM_DESC(os_deadline_ms, "deadline of the OS-level counter, ms (more than os_tick_ms, default 1000)");
 
+static bool kernel_log = true;
+module_param(kernel_log, bool, 0444);
+MODULE_PARM_DESC(kernel_log, "Publish the kernel's vmcoreinfo and printk ring buffer, read-only (default 1)");
+
 static bool allow_hang;
 module_param(allow_hang, bool, 0444);
 MODULE_PARM_DESC(allow_hang, "TEST ONLY: let hang_trigger hang the kernel (default 0)");
@@ -219,6 +223,8 @@ static void *bd_alloc_box(size_t len, const char *what)
 
 static void bd_free_boxes(void)
 {
+	free_page((unsigned long)bd_drv.kinfo);
+	bd_drv.kinfo = NULL;
 	if (bd_drv.inbox)
 		free_pages_exact(bd_drv.inbox, bd_drv.inbox_len);
 	if (bd_drv.sbox)
@@ -251,7 +257,8 @@ static int bd_setup_boxes(void)
 		goto nomem;
 	bd_drv.pbox = bd_alloc_box(bd_drv.pbox_len, "progress box");
 	bd_drv.sbox = bd_alloc_box(bd_drv.sbox_len, "state box");
-	if (!bd_drv.pbox || !bd_drv.sbox)
+	bd_drv.kinfo = (void *)get_zeroed_page(GFP_KERNEL);
+	if (!bd_drv.pbox || !bd_drv.sbox || !bd_drv.kinfo)
 		goto nomem;
 	if (inbox_pages) {
 		bd_drv.inbox = bd_alloc_box(bd_drv.inbox_len, "inbox");
@@ -298,8 +305,7 @@ static void bd_os_timer_stop(void)
 	bd_timer_delete_sync(&bd_os_timer);
 }
 
-static int bd_register(const char *name, void *mem, size_t len, u32 kind,
-		       u32 perms)
+int bd_register(const char *name, void *mem, size_t len, u32 kind, u32 perms)
 {
 	phys_addr_t gpa = virt_to_phys(mem);
 	u32 res;
@@ -356,6 +362,8 @@ static int bd_register_all(u32 features)
 			bd_drv.inbox_slot_size = 0;
 		}
 	}
+	if (!ret && kernel_log)
+		ret = bd_klog_register();
 	return ret;
 }
 

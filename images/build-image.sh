@@ -34,7 +34,9 @@
 #   KERNEL=/abs/path/vmlinuz-<release>       the bzImage
 #   VMLINUX=/abs/path/vmlinux-<release>      the same kernel as an ELF (boot
 #                                            this where ring 0 is emulated:
-#                                            it skips the decompressor)
+#                                            it skips the decompressor; its
+#                                            BTF gives bdctl dmesg the log's
+#                                            layout, where RAM holds none)
 #   INITRD=/abs/path/initrd-<hash>.cpio.gz   the initramfs (newc, gzip)
 #   MODULE=/abs/path/backdoor.ko             the module inside the initramfs
 #   MODULES=/abs/path/lib/modules/<release>  the kernel's own modules, with
