@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-60}
-TARGETS=${FUZZ_TARGETS:-"wire_server wire_client device_mmio records extract"}
+TARGETS=${FUZZ_TARGETS:-"wire_server wire_client device_mmio records extract kernel_log"}
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 python3 seeds/make_seeds.py
 cargo +nightly fuzz build -O

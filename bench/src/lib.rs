@@ -1,4 +1,4 @@
-//! bdbench: backdoor-vmm's benchmark suite. Seven sections (issue 7; the
+//! bdbench: backdoor-vmm's benchmark suite. Eight sections (issue 7; the
 //! seventh, RDMA verbs, runs in the lab), each figure measured in the same
 //! run as its baseline and given as a ratio;
 //! the result is `BENCHMARKS.md`, `benchmarks.json` and SVG plots.
@@ -7,6 +7,7 @@ pub mod affinity;
 pub mod detection;
 pub mod extraction;
 pub mod fake_guest;
+pub mod kernel_log;
 pub mod machine;
 pub mod overhead;
 pub mod plot;
@@ -64,7 +65,7 @@ impl Ctx {
 pub type SectionFn = fn(&Ctx) -> Section;
 
 /// The sections, in order.
-pub const SECTIONS: [(&str, SectionFn); 7] = [
+pub const SECTIONS: [(&str, SectionFn); 8] = [
     ("report_cost", report_cost::run),
     ("overhead", overhead::run),
     ("remote_reads", remote_reads::run),
@@ -72,6 +73,7 @@ pub const SECTIONS: [(&str, SectionFn); 7] = [
     ("extraction", extraction::run),
     ("startup", startup::run),
     ("rdma", rdma::run),
+    ("kernel_log", kernel_log::run),
 ];
 
 /// Errors of the suite as a whole.

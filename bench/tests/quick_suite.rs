@@ -62,7 +62,8 @@ fn quick_suite_writes_a_complete_report() {
             "detection",
             "extraction",
             "startup",
-            "rdma"
+            "rdma",
+            "kernel_log"
         ]
     );
     for (i, s) in sections.iter().enumerate() {

@@ -66,3 +66,15 @@ put('records', 'mid_write', record('shop', 2, 7, 3, b'items=3 total=12', seq=3))
 hdr = struct.pack('<IHHII', 0x42534442, 1, 64, 4, 256).ljust(64, b'\0')
 put('extract', 'two_versions', hdr + record('shop', 1, 1, 1, b'items=1 total=1') + record('shop', 1, 2, 2, b'items=2 total=3')
     + record('shop', 2, 1, 1, b'x', seq=5) + record('kv', 9, 1, 0, b''))
+
+# kernel_log: a ring header (16 descriptors, a 1-KiB data ring), then
+# descriptors, infos and text of 1408 bytes each, one record in them.
+hdr = bytearray(128)
+struct.pack_into('<I', hdr, 0, 4)
+struct.pack_into('<QQ', hdr, 24, 1, 1)
+struct.pack_into('<I', hdr, 48, 10)
+descs, infos, text = bytearray(1408), bytearray(1408), bytearray(1408)
+struct.pack_into('<QQQ', descs, 24, (2 << 62) | 1, 0, 24)
+struct.pack_into('<QQH', infos, 88, 7, 1000, 5)
+struct.pack_into('<Q5s', text, 0, 1, b'hello')
+put('kernel_log', 'one-record', bytes(hdr) + bytes(descs) + bytes(infos) + bytes(text))

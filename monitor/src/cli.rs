@@ -38,6 +38,68 @@ pub enum Command {
     Cas(CasArgs),
     /// Say which backends work on this host (and, with a target, whether it answers).
     Doctor(DoctorArgs),
+    /// Print a guest kernel's log, read from its memory with no guest CPU.
+    Dmesg(DmesgArgs),
+    /// Write an evidence bundle of a guest: counters, sessions, kernel log, vCPUs.
+    Evidence(EvidenceArgs),
+}
+
+/// How to find and decode a guest kernel's memory (docs/kernel-evidence.md).
+#[derive(Debug, Clone, Args, Default)]
+pub struct KernelArgs {
+    /// Read through the VMM's forensic view of all guest RAM (needs the
+    /// key file's `forensic` key): for a guest without backdoor.ko.
+    #[arg(long)]
+    pub forensic: bool,
+    /// The guest kernel's System.map, to name kernel code at each vCPU's
+    /// RIP (Debian's is in its linux-image-*-dbg package).
+    #[arg(long, value_name = "PATH")]
+    pub system_map: Option<PathBuf>,
+    /// The guest kernel's vmlinux (ELF, with its BTF): the log's layout
+    /// when guest RAM holds no BTF (a kernel built without it).
+    #[arg(long, value_name = "PATH")]
+    pub vmlinux: Option<PathBuf>,
+    /// With --forensic: find the kernel by scanning all RAM, not through a
+    /// vCPU's page tables (tables the guest may have scribbled on).
+    #[arg(long, requires = "forensic")]
+    pub scan_all_ram: bool,
+    /// backdoor.ko as loaded in the guest, to name code in it.
+    #[arg(long, value_name = "PATH")]
+    pub module: Option<PathBuf>,
+}
+
+/// `bdctl dmesg`.
+#[derive(Debug, Args)]
+pub struct DmesgArgs {
+    /// The target.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// Where the kernel is.
+    #[command(flatten)]
+    pub k: KernelArgs,
+    /// Keep reading and print new lines as the kernel writes them.
+    #[arg(long)]
+    pub follow: bool,
+    /// How often --follow reads, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub follow_interval_ms: u64,
+}
+
+/// `bdctl evidence`.
+#[derive(Debug, Args)]
+pub struct EvidenceArgs {
+    /// The target.
+    #[command(flatten)]
+    pub t: OneTarget,
+    /// Where the kernel is.
+    #[command(flatten)]
+    pub k: KernelArgs,
+    /// Kernel log lines kept (the newest).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub lines: usize,
+    /// The bundle's file (JSON).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// A target and its keys.
@@ -117,6 +179,12 @@ pub struct WatchArgs {
     /// The local RDMA device for verbs (default: the first).
     #[arg(long, value_name = "NAME")]
     pub rdma_device: Option<String>,
+    /// On a hang, write an evidence bundle into DIR before any action runs.
+    #[arg(long, value_name = "DIR")]
+    pub evidence_dir: Option<PathBuf>,
+    /// Where the kernel is, for the bundles.
+    #[command(flatten)]
+    pub k: KernelArgs,
 }
 
 /// The configuration file.
@@ -139,6 +207,8 @@ pub struct ConfigFile {
     pub transport: Option<Transport>,
     /// Local RDMA device for verbs.
     pub rdma_device: Option<String>,
+    /// On-hang evidence directory.
+    pub evidence_dir: Option<PathBuf>,
     /// Targets.
     #[serde(default)]
     pub targets: Vec<ConfigTarget>,
@@ -254,6 +324,11 @@ impl WatchArgs {
                 .or(file.extract_on_hang.as_deref().map(rel)),
             count: self.count,
             exit_on_hang: self.exit_on_hang,
+            evidence_dir: self
+                .evidence_dir
+                .clone()
+                .or(file.evidence_dir.as_deref().map(rel)),
+            kernel: self.k.clone(),
         };
         Ok((targets, opts))
     }

@@ -47,17 +47,8 @@ pub fn status(t: &OneTarget) -> Result<(), Error> {
     };
     let obs = poll::observe(&mut c)?;
     let d = c.descriptor().clone();
-    // "active", "os", ...; "?" where the guest wrote a value the ABI lacks.
-    let lower = |s: Option<String>| s.map_or("?".to_owned(), |s| s.to_lowercase());
-    let state = |c: &crate::judge::CounterObs| lower(c.counter.state().map(|s| format!("{s:?}")));
-    let level = |c: &crate::judge::CounterObs| lower(c.counter.level().map(|l| format!("{l:?}")));
     if t.json {
-        let counters: Vec<_> = obs
-            .counters
-            .iter()
-            .map(|c| json!({"hook": c.hook, "name": c.name(), "id": c.counter.id, "value": c.counter.value,
-                "deadline_ms": c.counter.deadline_ms, "state": state(c), "level": level(c), "owner": c.counter.owner}))
-            .collect();
+        let counters: Vec<_> = obs.counters.iter().map(poll::counter_json).collect();
         println!(
             "{}",
             json!({"descriptor": d, "counters": counters, "transport": c.data_path(), "not_verbs": why_soft})
@@ -90,8 +81,8 @@ pub fn status(t: &OneTarget) -> Result<(), Error> {
         println!(
             "  {:<24} {:<12} {:<8} value {:>12}  deadline {:>6} ms  owner {}",
             c.name(),
-            level(c),
-            state(c),
+            poll::level_name(c),
+            poll::state_name(c),
             c.counter.value,
             c.counter.deadline_ms,
             c.counter.owner

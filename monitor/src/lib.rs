@@ -4,8 +4,11 @@
 
 pub mod cli;
 pub mod commands;
+pub mod evidence;
 pub mod extract;
 pub mod judge;
+pub mod kernel;
+pub mod kernel_commands;
 pub mod metrics;
 pub mod poll;
 pub mod target;

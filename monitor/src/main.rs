@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use bdctl::cli::{Cli, Command};
 use bdctl::watch::{self, WatchEnd};
-use bdctl::{commands, Error};
+use bdctl::{commands, kernel_commands, Error};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         Command::Write(a) => commands::write(&a).map(|()| 0),
         Command::Cas(a) => commands::cas(&a).map(|()| 0),
         Command::Doctor(a) => commands::doctor(&a).map(|()| 0),
+        Command::Dmesg(a) => kernel_commands::dmesg(&a).map(|()| 0),
+        Command::Evidence(a) => kernel_commands::evidence(&a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

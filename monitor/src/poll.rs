@@ -55,3 +55,27 @@ pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError>
         counters,
     })
 }
+
+/// A counter for people and JSON: state and level by name ("?" where the
+/// guest wrote a value the ABI lacks).
+pub fn counter_json(c: &CounterObs) -> serde_json::Value {
+    serde_json::json!({
+        "hook": c.hook, "name": c.name(), "id": c.counter.id, "value": c.counter.value,
+        "deadline_ms": c.counter.deadline_ms, "state": state_name(c), "level": level_name(c),
+        "owner": c.counter.owner,
+    })
+}
+
+/// "active", "idle", ...
+pub fn state_name(c: &CounterObs) -> String {
+    c.counter
+        .state()
+        .map_or("?".into(), |s| format!("{s:?}").to_lowercase())
+}
+
+/// "os", "application", "session".
+pub fn level_name(c: &CounterObs) -> String {
+    c.counter
+        .level()
+        .map_or("?".into(), |l| format!("{l:?}").to_lowercase())
+}

@@ -27,6 +27,7 @@ pub enum TargetError {
 pub struct KeyFile {
     read: Option<String>,
     repair: Option<String>,
+    forensic: Option<String>,
 }
 
 impl KeyFile {
@@ -38,7 +39,11 @@ impl KeyFile {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let k: KeyFile = toml::from_str(&text).map_err(|e| err(e.message().to_owned()))?;
-        for (role, key) in [("read", &k.read), ("repair", &k.repair)] {
+        for (role, key) in [
+            ("read", &k.read),
+            ("repair", &k.repair),
+            ("forensic", &k.forensic),
+        ] {
             if let Some(key) = key {
                 match decode_hex(key) {
                     Some(b) if b.len() >= MIN_KEY_BYTES => {}
@@ -57,6 +62,7 @@ impl KeyFile {
         match role {
             Role::Read => self.read.as_deref().and_then(decode_hex),
             Role::Repair => self.repair.as_deref().and_then(decode_hex),
+            Role::Forensic => self.forensic.as_deref().and_then(decode_hex),
         }
     }
 }

@@ -36,6 +36,10 @@ pub struct WatchOptions {
     pub count: Option<u64>,
     /// Exit (status 3) once a hang has been reported (and its actions finished).
     pub exit_on_hang: bool,
+    /// Write an evidence bundle here on a hang, before any action.
+    pub evidence_dir: Option<PathBuf>,
+    /// Where the kernel is, for the bundles.
+    pub kernel: crate::cli::KernelArgs,
 }
 
 /// How often a target's descriptor (generation, tamper count) is re-read
@@ -285,44 +289,63 @@ fn clock(ms: u64) -> String {
     )
 }
 
-/// Starts the on-hang actions; returns how many will report back.
+/// Starts the on-hang actions on a thread of their own; returns how many
+/// events will report back. An evidence bundle (`--evidence-dir`) is
+/// written first, and named in the event the other actions see.
 fn run_actions(
     target: &Target,
     event: &serde_json::Value,
     opts: &WatchOptions,
     done: &mpsc::Sender<serde_json::Value>,
 ) -> usize {
-    let mut started = 0;
-    if let Some(cmd) = &opts.on_hang {
-        let (cmd, event, target, done) = (cmd.clone(), event.clone(), target.clone(), done.clone());
-        started += 1;
-        std::thread::spawn(move || {
-            let status = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .env("BDCTL_EVENT", event.to_string())
-                .env("BDCTL_TARGET", &target.name)
-                .env("BDCTL_ADDR", &target.addr)
-                .env("BDCTL_LEVEL", event["level"].as_str().unwrap_or(""))
-                .env("BDCTL_COUNTER", event["counter"].as_str().unwrap_or(""))
-                .status();
-            let v = match status {
-                Ok(s) => {
-                    json!({"event": "action", "target": target.name, "status": s.code(), "ts_unix_ms": now_ms()})
+    let evidence = opts.evidence_dir.is_some();
+    let reports = usize::from(evidence)
+        + usize::from(opts.on_hang.is_some())
+        + usize::from(opts.extract_on_hang.is_some());
+    if reports == 0 {
+        return 0;
+    }
+    let (target, done, opts) = (target.clone(), done.clone(), opts.clone());
+    let mut event = event.clone();
+    std::thread::spawn(move || {
+        if let Some(dir) = &opts.evidence_dir {
+            let v = match capture_evidence(&target, &event, dir, &opts) {
+                Ok(file) => {
+                    event["evidence"] = json!(file.display().to_string());
+                    json!({"event": "evidence", "target": target.name, "file": file.display().to_string(), "ts_unix_ms": now_ms()})
                 }
                 Err(e) => {
-                    json!({"event": "action_failed", "target": target.name, "error": e.to_string(), "ts_unix_ms": now_ms()})
+                    json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
                 }
             };
             let _ = done.send(v);
+        }
+        let on_hang = opts.on_hang.clone().map(|cmd| {
+            let (event, target, done) = (event.clone(), target.clone(), done.clone());
+            std::thread::spawn(move || {
+                let status = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&cmd)
+                    .env("BDCTL_EVENT", event.to_string())
+                    .env("BDCTL_TARGET", &target.name)
+                    .env("BDCTL_ADDR", &target.addr)
+                    .env("BDCTL_LEVEL", event["level"].as_str().unwrap_or(""))
+                    .env("BDCTL_COUNTER", event["counter"].as_str().unwrap_or(""))
+                    .env("BDCTL_EVIDENCE", event["evidence"].as_str().unwrap_or(""))
+                    .status();
+                let v = match status {
+                    Ok(s) => {
+                        json!({"event": "action", "target": target.name, "status": s.code(), "ts_unix_ms": now_ms()})
+                    }
+                    Err(e) => {
+                        json!({"event": "action_failed", "target": target.name, "error": e.to_string(), "ts_unix_ms": now_ms()})
+                    }
+                };
+                let _ = done.send(v);
+            })
         });
-    }
-    if let Some(dir) = &opts.extract_on_hang {
-        let (dir, target, done, timeout) =
-            (dir.clone(), target.clone(), done.clone(), opts.timeout);
-        started += 1;
-        std::thread::spawn(move || {
-            let v = match extract_to_dir(&target, &dir, timeout) {
+        if let Some(dir) = &opts.extract_on_hang {
+            let v = match extract_to_dir(&target, dir, opts.timeout) {
                 Ok((file, x)) => json!({
                     "event": "extracted", "target": target.name, "file": file.display().to_string(),
                     "sessions": x.sessions.len(), "accepted": x.summary.accepted, "torn": x.summary.torn,
@@ -333,9 +356,29 @@ fn run_actions(
                 }
             };
             let _ = done.send(v);
-        });
-    }
-    started
+        }
+        if let Some(t) = on_hang {
+            let _ = t.join();
+        }
+    });
+    reports
+}
+
+fn capture_evidence(
+    target: &Target,
+    event: &serde_json::Value,
+    dir: &std::path::Path,
+    opts: &WatchOptions,
+) -> Result<PathBuf, String> {
+    let mut eo =
+        crate::kernel_commands::evidence_options(&opts.kernel, 200).map_err(|e| e.to_string())?;
+    let bundle = crate::evidence::capture(
+        target,
+        Some(event),
+        &mut eo,
+        opts.timeout.max(Duration::from_secs(2)),
+    );
+    crate::evidence::write_bundle(dir, &target.name, &bundle)
 }
 
 fn extract_to_dir(

@@ -864,3 +864,366 @@ fn guest_image_build_names_a_package_the_package_lists_lack() {
         "{err}"
     );
 }
+
+/// `[    1.234567] text` lines of a console (what printk wrote), with
+/// serial line endings gone.
+fn printk_lines(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| {
+            l.starts_with('[')
+                && l.find("] ").is_some_and(|i| {
+                    l[1..i].trim_start().split_once('.').is_some_and(|(s, us)| {
+                        s.chars().all(|c| c.is_ascii_digit()) && us.len() == 6
+                    })
+                })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn kernel_log_of_a_kernel_that_died_in_early_boot_is_read_with_no_guest_cpu() {
+    // Here (PVM) the stock kernel dies in early boot (exit 13); with
+    // hardware virtualization it boots on, and is stopped once it has
+    // printed its early lines. Either way a separate agent keeps its RAM,
+    // and bdctl reads the log from it through the VMM's forensic view with
+    // no file from the kernel's package: vmcoreinfo is not set up yet.
+    let image = primary();
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file_with_forensic(dir.path());
+    let keyfile = k.to_str().unwrap();
+    let agent = AgentProcess::start(dir.path(), &k);
+    let mut vm = Vm::start(&[
+        "--kernel",
+        image.vmlinux.to_str().unwrap(),
+        "--initrd",
+        image.initrd.to_str().unwrap(),
+        "--mem",
+        "384M",
+        "--cmdline",
+        &image.cmdline,
+        "--name",
+        "early",
+        "--agent-sock",
+        agent.vmm_sock.to_str().unwrap(),
+    ]);
+    vm.wait_line("RAMDISK: [mem ", T);
+    let code = if bdvmm_tests::has_hardware_virtualization() {
+        assert_eq!(vm.api("stop")["ok"], true);
+        vm.wait_exit(T)
+    } else {
+        vm.wait_exit(T)
+    };
+    assert!(
+        code == Some(exit::KVM_ERROR) || code == Some(exit::OK),
+        "{code:?}: {}",
+        vm.stderr()
+    );
+    let console = printk_lines(&vm.console());
+    assert!(console.len() > 10, "{console:?}");
+    let target = format!("early@{}", agent.addr);
+
+    // No files at all: the scan finds the static ring and the image's BTF.
+    let t = Instant::now();
+    let (code, out, err) = bdctl(&["dmesg", &target, "--key-file", keyfile, "--forensic"]);
+    let took = t.elapsed();
+    assert_eq!(code, Some(0), "{err}");
+    eprintln!("bdctl dmesg took {took:?} ({err})");
+    assert!(
+        err.contains("via the forensic view (layout from btf in guest RAM), found through the page tables at"),
+        "{err}"
+    );
+    let log: Vec<&str> = out.lines().collect();
+    // Every complete line the console showed is in the log, in order (the
+    // last console line may have been cut by the kernel's death).
+    let mut at = 0;
+    for line in &console[..console.len() - 1] {
+        let found = log[at..].iter().position(|l| l == line);
+        assert!(
+            found.is_some(),
+            "console line {line:?} is not in the log read from memory (after line {at}):\n{out}"
+        );
+        at += found.unwrap() + 1;
+    }
+    let cmdline = format!("Command line: {} backdoor.dev=", image.cmdline);
+    assert!(log.iter().any(|l| l.contains(&cmdline)), "{out}");
+    // Not trusting the page tables, a scan of all RAM finds the same ring;
+    // with the kernel's vmlinux, the layout comes from its file.
+    for (extra, says) in [
+        (
+            "--scan-all-ram",
+            "found through a scan of all 384 MiB of RAM",
+        ),
+        ("--vmlinux", "(layout from btf)"),
+    ] {
+        let mut args = vec!["dmesg", &target, "--key-file", keyfile, "--forensic", extra];
+        if extra == "--vmlinux" {
+            args.push(image.vmlinux.to_str().unwrap());
+        }
+        let (code, again, err) = bdctl(&args);
+        assert_eq!(code, Some(0), "{extra}: {err}");
+        assert!(err.contains(says), "{extra}: {err}");
+        assert_eq!(again, out, "{extra}");
+    }
+
+    // The evidence of the dead kernel: its log, and each vCPU's last RIP
+    // named from the kernel's own kallsyms, found in its image in RAM.
+    let bundle_file = dir.path().join("early.json");
+    let (code, _, err) = bdctl(&[
+        "evidence",
+        &target,
+        "--key-file",
+        keyfile,
+        "--forensic",
+        "--out",
+        bundle_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let b: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bundle_file).unwrap()).unwrap();
+    eprintln!("vCPUs of the dead kernel: {}", b["vcpus"]);
+    let from = b["kernel_symbols"]["from"].as_str().unwrap_or_default();
+    assert!(
+        from.starts_with("kallsyms in guest RAM")
+            && from.contains("_text is where the page tables map the image"),
+        "{}",
+        b["errors"]
+    );
+    assert!(
+        b["kernel_symbols"]["count"].as_u64().unwrap() > 10_000,
+        "{}",
+        b["kernel_symbols"]
+    );
+    let cpus = b["vcpus"]["vcpus"].as_array().unwrap();
+    assert!(!cpus.is_empty(), "{b}");
+    for c in cpus {
+        let rip = c["rip"].as_u64().unwrap();
+        if c["cpl"] == 0 && rip >= 0xffff_ffff_8000_0000 {
+            let f = c["function"].as_str().unwrap_or_default();
+            assert!(f.contains("+0x") && !f.starts_with('['), "{c}");
+        }
+    }
+    let tail: Vec<&str> = b["kernel_log"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        !tail.is_empty() && out.ends_with(&(tail.join("\n") + "\n")),
+        "{b}"
+    );
+
+    // Without the forensic key there is no way in: no driver ran yet.
+    let (code, _, err) = bdctl(&["dmesg", &target, "--key-file", keyfile]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no way into the guest kernel's memory"),
+        "{err}"
+    );
+    // And the forensic region is refused to the read role.
+    let mut c = backdoor_agent::Client::connect(
+        agent.addr.as_str(),
+        "early",
+        backdoor_agent::Role::Read,
+        &keys::READ,
+        T,
+    )
+    .unwrap();
+    let err = c
+        .read(backdoor_agent::server::FORENSIC_HOOK_BASE, 0, 8)
+        .unwrap_err();
+    assert_eq!(err.code(), Some(backdoor_agent::ErrorCode::NoHook), "{err}");
+    assert!(
+        !c.descriptor().hooks.iter().any(|h| h.kind == "forensic"),
+        "{:?}",
+        c.descriptor()
+    );
+}
+
+#[test]
+fn guest_image_evidence_of_a_hung_kernel_names_the_trigger_before_on_hang_runs() {
+    if !can_run_with_hardware_virtualization(
+        "guest_image_evidence_of_a_hung_kernel_names_the_trigger_before_on_hang_runs",
+    ) {
+        return;
+    }
+    let image = primary();
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file_with_forensic(dir.path());
+    let keyfile = k.to_str().unwrap();
+    // The in-process agent: it asks bdvmm for fresh vCPU locations (a kick).
+    let mut vm = Vm::start(&[
+        "--kernel",
+        image.kernel.to_str().unwrap(),
+        "--initrd",
+        image.initrd.to_str().unwrap(),
+        "--mem",
+        "1G",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        &image.cmdline,
+        "--name",
+        "kv1",
+        "--backdoor-listen",
+        "127.0.0.1:0",
+        "--backdoor-keys",
+        keyfile,
+    ]);
+    vm.wait_line("BDIMG: waiting for commands on the console", T);
+    let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
+    let target = format!("kv1@{addr}");
+    // Healthy and idle: through the forensic view, the kernel's own
+    // kallsyms name where each vCPU is (the idle loop, not the module).
+    // Before the watch starts: in the lab the scan's reads take the guest's
+    // only L1 CPU for a while, and a watch would call that a hang.
+    let healthy = dir.path().join("healthy.json");
+    let (code, _, err) = bdctl(&[
+        "evidence",
+        &target,
+        "--key-file",
+        keyfile,
+        "--forensic",
+        "--out",
+        healthy.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let hb: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&healthy).unwrap()).unwrap();
+    eprintln!(
+        "healthy vCPUs: {} (timings {})",
+        hb["vcpus"], hb["timings_ms"]
+    );
+    assert_eq!(hb["errors"], serde_json::json!({}), "{hb}");
+    assert!(
+        hb["kernel_symbols"]["from"]
+            .as_str()
+            .unwrap()
+            .contains("_text is where the page tables map the image"),
+        "{hb}"
+    );
+    for c in hb["vcpus"]["vcpus"].as_array().unwrap() {
+        let f = c["function"].as_str().unwrap_or_default();
+        if c["cpl"] == 0 {
+            assert!(f.contains("+0x") && !f.ends_with("[backdoor]"), "{c}");
+        }
+    }
+    let evidence_dir = dir.path().join("evidence");
+    let marker = dir.path().join("on-hang.txt");
+    let on_hang = format!(
+        "if test -s \"$BDCTL_EVIDENCE\"; then echo evidence-first; else echo no-evidence; fi > {}",
+        marker.display()
+    );
+    let module = image.module.to_str().unwrap();
+    let w = Watch::start(
+        &target,
+        &k,
+        &[
+            "--interval-ms",
+            "100",
+            "--evidence-dir",
+            evidence_dir.to_str().unwrap(),
+            "--on-hang",
+            &on_hang,
+            "--module",
+            module,
+        ],
+    );
+    w.verdict("healthy", T);
+    vm.send_console("hang-kernel\n");
+    w.wait("hung (os)", T, |e| {
+        e["verdict"] == "hung" && e["level"] == "os"
+    });
+    let (_, ev) = w.wait("evidence", T, |e| {
+        e["event"] == "evidence" || e["event"] == "action"
+    });
+    assert_eq!(
+        ev["event"], "evidence",
+        "the bundle is written before --on-hang runs: {ev}"
+    );
+    w.wait("on-hang", T, |e| e["event"] == "action");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().trim(),
+        "evidence-first",
+        "--on-hang saw the bundle's file"
+    );
+    let bundle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev["file"].as_str().unwrap()).unwrap())
+            .unwrap();
+    let check = |b: &serde_json::Value| {
+        assert_eq!(b["errors"], serde_json::json!({}), "{b}");
+        let cpus = b["vcpus"]["vcpus"].as_array().unwrap();
+        assert_eq!(cpus.len(), 2, "{b}");
+        for c in cpus {
+            assert_eq!(
+                (
+                    c["fresh"].as_bool(),
+                    c["cpl"].as_u64(),
+                    c["interrupts_enabled"].as_bool()
+                ),
+                (Some(true), Some(0), Some(false)),
+                "{c}"
+            );
+            let f = c["function"].as_str().unwrap_or_default();
+            assert!(
+                f.starts_with("bd_hang_cpu+") && f.ends_with("[backdoor]"),
+                "{c}"
+            );
+        }
+        let lines = b["kernel_log"]["lines"].as_array().unwrap();
+        assert!(
+            lines.iter().any(|l| l.as_str().unwrap().contains(
+                "backdoor: test-only hang trigger: stopping every CPU with interrupts off"
+            )),
+            "{b}"
+        );
+        assert_eq!(b["kernel_log"]["via"], "driver", "{b}");
+        assert_eq!(
+            b["sessions"]["sessions"].as_array().unwrap().len(),
+            3,
+            "{b}"
+        );
+        assert_eq!(b["counters"]["descriptor"]["sealed"], true, "{b}");
+    };
+    check(&bundle);
+    assert_eq!(bundle["verdict"]["verdict"], "hung");
+
+    // On demand: the same, and the driver's log through bdctl dmesg.
+    let out = dir.path().join("now.json");
+    let (code, _, err) = bdctl(&[
+        "evidence",
+        &target,
+        "--key-file",
+        keyfile,
+        "--forensic",
+        "--module",
+        module,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let now: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    check(&now);
+    assert!(
+        now["kernel_symbols"]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with("kallsyms in guest RAM"),
+        "{now}"
+    );
+    let (code, log, err) = bdctl(&["dmesg", &target, "--key-file", keyfile]);
+    assert_eq!(code, Some(0), "{err}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        log.contains("backdoor: test-only hang trigger: stopping every CPU with interrupts off"),
+        "last line {last:?}"
+    );
+    assert!(
+        err.contains("via the guest's driver (layout from vmcoreinfo)"),
+        "{err}"
+    );
+}
