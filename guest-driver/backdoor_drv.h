@@ -78,6 +78,11 @@ extern struct bd_drv bd_drv;
 int bd_cdev_register(void);
 void bd_cdev_unregister(void);
 
+/* The printk ring buffer's memory: prb, its header, descs, infos, text. */
+#define BD_KLOG_MAX_RUNS	5
+/* progress, state, inbox; vmcoreinfo, the ring's runs and kinfo. */
+#define BD_DRV_MAX_HOOKS	(3 + 1 + BD_KLOG_MAX_RUNS + 1)
+
 /* Registers one hook over @len bytes of kernel memory at @mem. */
 int bd_register(const char *name, void *mem, size_t len, u32 kind, u32 perms);
 /* backdoor_klog.c: the kernel's vmcoreinfo and log as BD_KIND_KERNEL hooks. */

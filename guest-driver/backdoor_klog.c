@@ -34,8 +34,6 @@
 #include "backdoor_compat.h"
 #include "backdoor_drv.h"
 
-#define BD_KLOG_MAX_RUNS	8
-
 struct bd_run {
 	unsigned long start;
 	unsigned long end;

@@ -84,7 +84,7 @@ static struct {
 	resource_size_t size;
 	void __iomem *regs;
 	struct bd_hook_desc *desc;	/* kmalloc'ed: has a physical address */
-	u32 hook_ids[3];
+	u32 hook_ids[BD_DRV_MAX_HOOKS];
 	unsigned int nhooks;
 	unsigned long tick;		/* os_tick_ms in jiffies */
 	bool stopping;
@@ -310,6 +310,11 @@ int bd_register(const char *name, void *mem, size_t len, u32 kind, u32 perms)
 	phys_addr_t gpa = virt_to_phys(mem);
 	u32 res;
 
+	if (bd.nhooks >= ARRAY_SIZE(bd.hook_ids)) {
+		pr_err("hook \"%s\": the driver already holds %zu hooks\n",
+		       name, ARRAY_SIZE(bd.hook_ids));
+		return -ENOSPC;
+	}
 	bd_hook_desc_fill(bd.desc, gpa, len, kind, perms, name);
 	/* The device reads the descriptor by its guest-physical address. */
 	res = bd_desc_command(bd_base(), BD_CMD_REGISTER, virt_to_phys(bd.desc));

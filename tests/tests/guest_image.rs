@@ -814,7 +814,11 @@ fn guest_image_module_installed_with_dkms_loads_and_serves() {
     assert_eq!(st["descriptor"]["sealed"], true, "{st}");
     std::thread::sleep(Duration::from_secs(2));
     let c2 = counters(&p.target, keyfile);
-    assert!(c2["kernel"].1 > c1["kernel"].1, "{c1:?} then {c2:?}");
+    assert!(
+        c2["kernel"].1 > c1["kernel"].1,
+        "the kernel's counter did not move: {c1:?} then {c2:?}; console:\n{}",
+        p.vm.console()
+    );
     let x_path = dir.path().join("x.json");
     let (code, _, err) = bdctl(&[
         "extract",
