@@ -7,6 +7,8 @@
 //! still bounded: every offset and count is checked, a malformed type
 //! stops the walk with an error.
 
+use super::le::{u16_at, u32_at, u64_at};
+
 /// Errors reading BTF.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BtfError {
@@ -38,18 +40,6 @@ pub struct Btf {
     /// Type id i is types[i - 1].
     types: Vec<Type>,
     strings: Vec<u8>,
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// The `.BTF` section of an ELF64 file.

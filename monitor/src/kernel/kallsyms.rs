@@ -21,6 +21,7 @@
 //! length and index is bounded, and the result is checked against the
 //! page tables (`_text` must be where the image's mapping starts).
 
+use super::le::{u16_at, u32_at, u64_at};
 use super::memory::{KERNEL_MAP, KERNEL_MAP_END};
 
 /// The digits, each the token of its own byte, as the token table has them.
@@ -35,24 +36,6 @@ const MAX_GROUP: u32 = 256 * (512 + 2);
 pub const SEARCH_BEFORE: u64 = 12 << 20;
 /// How far after it the offsets may lie (newer kernels).
 pub const SEARCH_AFTER: u64 = 4 << 20;
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(
-        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
-}
 
 const fn align8(x: usize) -> usize {
     (x + 7) & !7

@@ -13,6 +13,7 @@
 use backdoor_agent::{Client, ClientError};
 
 use super::kallsyms;
+use super::le::u64_at;
 use super::printk::{KernelMemory, MAX_COUNT_BITS};
 use super::vmcoreinfo::Vmcoreinfo;
 
@@ -169,7 +170,7 @@ fn is_ring_head(b: &[u8], scope: Pointers) -> bool {
     let Some(h) = b.get(..24) else {
         return false;
     };
-    let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or_default());
+    let word = |i: usize| u64_at(h, i).unwrap_or_default();
     let bits = word(0);
     let (descs, infos) = (word(8), word(16));
     let ok = |p: u64| {
@@ -404,9 +405,7 @@ impl<'a> ForensicView<'a> {
             table = e & PTE_ADDR;
         }
         let pd = self.read_phys(table, 4096)?;
-        let entry = |b: &[u8], i: usize| {
-            u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default())
-        };
+        let entry = |b: &[u8], i: usize| u64_at(b, i * 8).unwrap_or_default();
         let mut maps: Vec<(u64, u64, u64)> = Vec::new();
         let mut tables = 0;
         for i in 0..512 {

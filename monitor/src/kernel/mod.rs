@@ -15,6 +15,7 @@
 pub mod btf;
 pub mod kallsyms;
 pub mod layout;
+pub mod le;
 pub mod memory;
 pub mod printk;
 pub mod symbols;
@@ -369,25 +370,20 @@ fn from_scan(
         ));
     }
     let tr = layout.rb_text_data_ring;
-    let at = |head: &[u8], o: u64, n: usize| -> Option<u64> {
-        let o = usize::try_from(o).ok()?;
-        let mut b = [0u8; 8];
-        b[..n].copy_from_slice(head.get(o..o + n)?);
-        Some(u64::from_le_bytes(b))
-    };
     let mut best: Option<(printk::Log, u64, u64)> = None;
     let mut live = 0usize;
     for (pa, head) in &scan.rings {
         let (Some(count_bits), Some(descs), Some(size_bits), Some(data)) = (
-            at(head, 0, 4),
-            at(head, 8, 8),
-            at(head, tr + layout.data_size_bits, 4),
-            at(head, tr + layout.data_data, 8),
+            le::u32_at(head, 0usize),
+            le::u64_at(head, 8usize),
+            le::u32_at(head, tr + layout.data_size_bits),
+            le::u64_at(head, tr + layout.data_data),
         ) else {
             continue;
         };
         // A ring keeps about 2^5 bytes of text per descriptor (PRB_AVGBITS).
-        if !(count_bits..=count_bits + 10).contains(&size_bits) || data < KERNEL_HALF {
+        if !(count_bits..=count_bits.saturating_add(10)).contains(&size_bits) || data < KERNEL_HALF
+        {
             continue;
         }
         let deltas: Vec<u64> = match image {
@@ -461,11 +457,7 @@ fn layout_from_ram_btf(view: &mut ForensicView, at: &[u64]) -> Result<PrintkLayo
         let Ok(h) = view.read_phys(pa, 24) else {
             continue;
         };
-        let f = |i: usize| {
-            u64::from(u32::from_le_bytes(
-                h[i..i + 4].try_into().unwrap_or_default(),
-            ))
-        };
+        let f = |i: usize| u64::from(le::u32_at(&h, i).unwrap_or_default());
         let len = 24 + (f(8) + f(12)).max(f(16) + f(20));
         if len > MAX_BTF {
             continue;

@@ -12,6 +12,7 @@
 //! without end.
 
 use super::layout::PrintkLayout;
+use super::le::{u16_at, u32_at, u64_at as word};
 
 /// Most descriptor-ring bits accepted (the kernel's default is about 13).
 pub const MAX_COUNT_BITS: u32 = 22;
@@ -89,27 +90,6 @@ impl Log {
             self.damage.push(what);
         }
     }
-}
-
-fn word(b: &[u8], at: u64) -> Option<u64> {
-    let at = usize::try_from(at).ok()?;
-    Some(u64::from_le_bytes(
-        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
-}
-
-fn u32_at(b: &[u8], at: u64) -> Option<u32> {
-    let at = usize::try_from(at).ok()?;
-    Some(u32::from_le_bytes(
-        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
-    ))
-}
-
-fn u16_at(b: &[u8], at: u64) -> Option<u16> {
-    let at = usize::try_from(at).ok()?;
-    Some(u16::from_le_bytes(
-        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
-    ))
 }
 
 /// The ring's geometry, read from its header.

@@ -3,6 +3,8 @@
 //! module's own symbol table (its `.ko` file) at the address the module
 //! was loaded.
 
+use super::le::{u16_at, u32_at, u64_at};
+
 /// Symbols of one image, sorted by address.
 #[derive(Debug, Clone, Default)]
 pub struct Symbols {
@@ -78,16 +80,6 @@ impl Symbols {
     pub fn is_empty(&self) -> bool {
         self.syms.is_empty()
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// FUNC symbols defined in `.text` of a relocatable ELF64 (a `.ko`).

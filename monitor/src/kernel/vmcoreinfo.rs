@@ -11,6 +11,8 @@
 
 use std::collections::BTreeMap;
 
+use super::le::u32_at;
+
 /// At most this much text is read (the kernel's VMCOREINFO_BYTES is a page).
 pub const MAX_TEXT: usize = 16 * 1024;
 /// At most this many entries are kept.
@@ -33,10 +35,6 @@ pub struct Vmcoreinfo {
     entries: BTreeMap<String, String>,
     /// Lines that were not `KEY=VALUE` (or beyond the limits).
     pub skipped_lines: usize,
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 impl Vmcoreinfo {
