@@ -3,8 +3,12 @@
 //! each vCPU is (registers, and the kernel function or module code at
 //! RIP), with how long each part took. `bdctl evidence` writes one on
 //! demand; `bdctl watch --evidence-dir` writes one on a hang before it runs
-//! any action. Each part is taken on its own: one that fails is recorded
-//! with its error and the others are still taken.
+//! any action. Each part is taken on its own: one that fails is tried once
+//! more on a new connection (a reply that timed out leaves the old one
+//! mid-stream), then recorded with its error, and the others are still
+//! taken. A bundle reads megabytes where a poll reads a page, and is taken
+//! when the machine may be at its worst: each reply is waited for at least
+//! [`MIN_REPLY_WAIT`].
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,6 +20,9 @@ use crate::kernel::symbols::Symbols;
 use crate::kernel::{kernel_log, kernel_symbols, KernelFiles};
 use crate::target::Target;
 use crate::{extract, poll};
+
+/// The least time a bundle waits for one reply, whatever the poll timeout.
+pub const MIN_REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// What a bundle is taken with.
 #[derive(Debug, Default)]
@@ -36,14 +43,42 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Runs `f`, recording its result (or error) and time under `name`.
+/// The bundle's connection, made again after a part fails on it.
+struct Conn<'a> {
+    target: &'a Target,
+    role: Role,
+    timeout: Duration,
+    client: Option<Client>,
+}
+
+impl Conn<'_> {
+    fn client(&mut self) -> Result<&mut Client, String> {
+        if self.client.is_none() {
+            let c = self.target.connect(self.role, self.timeout);
+            self.client = Some(c.map_err(|e| format!("connecting: {e}"))?);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| "no connection".to_string())
+    }
+}
+
+/// Runs `f`, recording its result (or error) and time under `name`; a
+/// failure is tried once more on a new connection, and the first error
+/// kept under `retried`.
 fn part(
     bundle: &mut Value,
     name: &str,
-    f: impl FnOnce() -> Result<Value, String>,
+    conn: &mut Conn,
+    mut f: impl FnMut(&mut Client) -> Result<Value, String>,
 ) -> Option<Value> {
     let t = Instant::now();
-    let r = f();
+    let mut r = conn.client().and_then(&mut f);
+    if let Err(first) = &r {
+        bundle["retried"][name] = json!(first);
+        conn.client = None;
+        r = conn.client().and_then(&mut f);
+    }
     bundle["timings_ms"][name] = json!(t.elapsed().as_secs_f64() * 1e3);
     match r {
         Ok(v) => {
@@ -116,15 +151,18 @@ pub fn capture(
     } else {
         Role::Read
     };
-    let mut c = match target.connect(role, timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            b["errors"]["connect"] = json!(e.to_string());
-            return b;
-        }
+    let mut conn = Conn {
+        target,
+        role,
+        timeout: timeout.max(MIN_REPLY_WAIT),
+        client: None,
     };
-    part(&mut b, "counters", || {
-        let obs = poll::observe(&mut c).map_err(|e| e.to_string())?;
+    if let Err(e) = conn.client() {
+        b["errors"]["connect"] = json!(e);
+        return b;
+    }
+    part(&mut b, "counters", &mut conn, |c| {
+        let obs = poll::observe(c).map_err(|e| e.to_string())?;
         let d = c.descriptor().clone();
         Ok(json!({
             "descriptor": d,
@@ -133,8 +171,8 @@ pub fn capture(
     });
     // The kernel log first: it says where the kernel's code is (KASLR).
     let mut found = None;
-    part(&mut b, "kernel_log", || {
-        let k = kernel_log(&mut c, &opts.files).map_err(|e| e.to_string())?;
+    part(&mut b, "kernel_log", &mut conn, |c| {
+        let k = kernel_log(c, &opts.files).map_err(|e| e.to_string())?;
         let lines: Vec<String> = k.log.records.iter().flat_map(|r| r.lines()).collect();
         let tail = lines[lines.len().saturating_sub(opts.lines)..].to_vec();
         let v = json!({
@@ -162,14 +200,14 @@ pub fn capture(
         }
         b["kernel_symbols"] = json!({"from": "System.map", "count": map.len(), "bias": bias});
     } else if let Some(k) = found.as_ref().filter(|_| opts.forensic) {
-        part(&mut b, "kernel_symbols", || {
-            let (syms, how) = kernel_symbols(&mut c, k)?;
+        part(&mut b, "kernel_symbols", &mut conn, |c| {
+            let (syms, how) = kernel_symbols(c, k)?;
             let v = json!({"from": how, "count": syms.len()});
             kallsyms = Some(syms);
             Ok(v)
         });
     }
-    let module = module_text(&mut c);
+    let module = conn.client().ok().and_then(module_text);
     if let (Some(m), Some((base, _))) = (opts.module.as_mut(), module) {
         m.bias = base;
     }
@@ -177,7 +215,7 @@ pub fn capture(
     let kernel_syms = opts.files.system_map.as_ref().or(kallsyms.as_ref());
     let module_syms =
         module.map(|(base, size)| (opts.module.as_ref().unwrap_or(&no_symbols), base, size));
-    part(&mut b, "vcpus", || {
+    part(&mut b, "vcpus", &mut conn, |c| {
         let mut v = c.vcpus().map_err(|e| e.to_string())?;
         for cpu in v["vcpus"].as_array_mut().into_iter().flatten() {
             if let Some(rip) = cpu["rip"].as_u64() {
@@ -186,8 +224,8 @@ pub fn capture(
         }
         Ok(v)
     });
-    part(&mut b, "sessions", || {
-        let x = extract::extract(&mut c, None, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    part(&mut b, "sessions", &mut conn, |c| {
+        let x = extract::extract(c, None, &mut |_, _| {}).map_err(|e| e.to_string())?;
         serde_json::to_value(x).map_err(|e| e.to_string())
     });
     b["timings_ms"]["total"] = json!(started.elapsed().as_secs_f64() * 1e3);

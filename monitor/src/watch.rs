@@ -372,12 +372,7 @@ fn capture_evidence(
 ) -> Result<PathBuf, String> {
     let mut eo =
         crate::kernel_commands::evidence_options(&opts.kernel, 200).map_err(|e| e.to_string())?;
-    let bundle = crate::evidence::capture(
-        target,
-        Some(event),
-        &mut eo,
-        opts.timeout.max(Duration::from_secs(2)),
-    );
+    let bundle = crate::evidence::capture(target, Some(event), &mut eo, opts.timeout);
     crate::evidence::write_bundle(dir, &target.name, &bundle)
 }
 
