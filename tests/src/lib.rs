@@ -463,10 +463,11 @@ impl AgentProcess {
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = loop {
             let text = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
-            if let Some(a) = text
+            // Only a whole announcement: stderr may have arrived mid-line.
+            if let Some((a, _)) = text
                 .split("monitors connect to ")
                 .nth(1)
-                .and_then(|r| r.split(';').next())
+                .and_then(|r| r.split_once(';'))
             {
                 break a.to_owned();
             }
