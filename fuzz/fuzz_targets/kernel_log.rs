@@ -7,8 +7,7 @@
 
 use bdctl::kernel::btf::Btf;
 use bdctl::kernel::kallsyms::{self, DIGITS};
-use bdctl::kernel::layout::PrintkLayout;
-use bdctl::kernel::printk::{read_log, KernelMemory};
+use bdctl::kernel::printk::{read_log, synth, KernelMemory};
 use bdctl::kernel::vmcoreinfo::Vmcoreinfo;
 use libfuzzer_sys::fuzz_target;
 
@@ -37,28 +36,8 @@ fuzz_target!(|data: &[u8]| {
     if let Some(at) = data.windows(DIGITS.len()).position(|w| w == DIGITS) {
         let _ = kallsyms::decode(data, at);
     }
-    let layout = PrintkLayout {
-        rb_desc_ring: 0,
-        rb_text_data_ring: 48,
-        dr_count_bits: 0,
-        dr_descs: 8,
-        dr_infos: 16,
-        dr_head_id: 24,
-        dr_tail_id: 32,
-        desc_size: 24,
-        desc_state_var: 0,
-        desc_text_blk_lpos: 8,
-        lpos_begin: 0,
-        lpos_next: 8,
-        info_size: 88,
-        info_seq: 0,
-        info_ts_nsec: 8,
-        info_text_len: 16,
-        info_caller_id: 20,
-        data_size_bits: 0,
-        data_data: 8,
-        atomic_counter: 0,
-    };
+    // Debian 6.1's layout, the one the decoder's own tests use.
+    let layout = synth::layout();
     // The header points at the regions by their fixed addresses.
     let q = data.len() / 4;
     let (h, rest) = data.split_at(q.min(128));

@@ -149,14 +149,21 @@ impl VcpuReporter {
     }
 }
 
-impl backdoor_agent::VcpuSource for VcpuReporter {
-    fn vcpus(&self) -> Option<serde_json::Value> {
+impl VcpuReporter {
+    /// The current VM's vCPUs, kicked for fresh registers if `fresh`.
+    fn report(&self, fresh: bool) -> Option<serde_json::Value> {
         let control = self
             .current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
-        Some(control.vcpus_report(self.fresh))
+        Some(control.vcpus_report(fresh))
+    }
+}
+
+impl backdoor_agent::VcpuSource for VcpuReporter {
+    fn vcpus(&self) -> Option<serde_json::Value> {
+        self.report(self.fresh)
     }
 }
 
@@ -165,13 +172,7 @@ struct LastExits(Arc<VcpuReporter>);
 
 impl backdoor_agent::VcpuSource for LastExits {
     fn vcpus(&self) -> Option<serde_json::Value> {
-        let control = self
-            .0
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
-        Some(control.vcpus_report(false))
+        self.0.report(false)
     }
 }
 
