@@ -102,6 +102,14 @@ while IFS=$'\t' read -r name timeout_s cwd command; do
 		done
 	rc=${PIPESTATUS[0]}
 	end=$(date +%s.%N)
+	# A failure inside L1 may be L1's own (a nested-SVM warning, a
+	# lockup): its kernel log goes with the test's output.
+	if [ "$rc" != 0 ]; then
+		dmesg | tail -n 40 | sed 's/^/L1 dmesg: /' | tee -a "$log" |
+			while IFS= read -r line; do
+				printf '@@LAB out %s %s\n' "$name" "$line"
+			done
+	fi
 	say "end $name $rc $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')"
 done <"$RUN/plan"
 say done

@@ -153,9 +153,10 @@ impl Vm {
         while !self.console().contains(needle) {
             if Instant::now() > deadline {
                 panic!(
-                    "timed out waiting for {needle:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                    "timed out waiting for {needle:?}\n--- console ---\n{}\n--- stderr ---\n{}{}",
                     self.console(),
-                    self.stderr()
+                    self.stderr(),
+                    self.stuck_report()
                 );
             }
             if let Some(st) = self.try_status() {
@@ -181,9 +182,10 @@ impl Vm {
             if Instant::now() > deadline || self.try_status().is_some() {
                 thread::sleep(Duration::from_millis(50));
                 panic!(
-                    "no complete console line with {needle:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+                    "no complete console line with {needle:?}\n--- console ---\n{}\n--- stderr ---\n{}{}",
                     self.console(),
-                    self.stderr()
+                    self.stderr(),
+                    self.stuck_report()
                 );
             }
             thread::sleep(Duration::from_millis(10));
@@ -207,8 +209,9 @@ impl Vm {
                 return st.code();
             }
             if Instant::now() > deadline {
+                let report = self.stuck_report();
                 let _ = self.child.kill();
-                panic!("bdvmm did not exit within {timeout:?}\n--- console ---\n{}\n--- stderr ---\n{}", self.console(), self.stderr());
+                panic!("bdvmm did not exit within {timeout:?}\n--- console ---\n{}\n--- stderr ---\n{}{report}", self.console(), self.stderr());
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -223,6 +226,62 @@ impl Vm {
     /// bdvmm's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What a failed wait shows besides the console: where the guest's
+    /// vCPUs are and whether they still exit (two `vcpus` + `exits`
+    /// replies a second apart), and where each bdvmm thread waits in the
+    /// host kernel. A guest that stopped printing is then told apart from a
+    /// vCPU thread stuck in KVM_RUN or a VMM thread blocked on a lock.
+    pub fn stuck_report(&mut self) -> String {
+        if self.try_status().is_some() {
+            return String::new();
+        }
+        let mut r = String::from("\n--- bdvmm, still running ---\n");
+        for round in 0..2 {
+            if round > 0 {
+                thread::sleep(Duration::from_secs(1));
+            }
+            for cmd in ["vcpus", "exits"] {
+                let reply = self.try_api_raw(format!("{{\"cmd\":\"{cmd}\"}}").as_bytes());
+                r += &format!(
+                    "{cmd}: {}\n",
+                    reply.unwrap_or_else(|e| format!("<{e}>")).trim_end()
+                );
+            }
+        }
+        let task_dir = format!("/proc/{}/task", self.child.id());
+        let mut tids: Vec<_> = std::fs::read_dir(&task_dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        tids.sort();
+        for t in tids {
+            let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            // The state letter follows the parenthesised command name.
+            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            r += &format!(
+                "thread {} {} state {state} wchan {}\n{}",
+                t.file_name().unwrap_or_default().to_string_lossy(),
+                read("comm").trim_end(),
+                read("wchan"),
+                read("stack"),
+            );
+        }
+        r
+    }
+
+    /// One control-socket request, for diagnostics: errors are returned,
+    /// not panicked on.
+    fn try_api_raw(&self, line: &[u8]) -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(&self.api_sock)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut request = line.to_vec();
+        request.push(b'\n');
+        stream.write_all(&request)?;
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply)?;
+        Ok(reply)
     }
 
     /// Sends one raw line to the control socket and returns the reply line.
