@@ -10,7 +10,7 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::wire::{Role, NONCE_LEN};
+use crate::wire::{FrameKey, Role, NONCE_LEN};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -156,6 +156,37 @@ pub fn monitor_proof(
         .finalize()
         .into_bytes()
         .into()
+}
+
+/// The two frame keys of one connection (docs/wire.md "Frame
+/// authentication"): bound to the role key, both nonces, the role and
+/// the VM, so no frame of one connection verifies on another.
+#[derive(Debug)]
+pub struct SessionKeys {
+    /// Seals what the monitor sends.
+    pub monitor_to_agent: FrameKey,
+    /// Seals what the agent sends.
+    pub agent_to_monitor: FrameKey,
+}
+
+/// Derives a connection's frame keys once both proofs have been checked.
+pub fn session_keys(
+    key: &[u8],
+    client: &[u8; NONCE_LEN],
+    server: &[u8; NONCE_LEN],
+    role: Role,
+    vm: &str,
+) -> SessionKeys {
+    let derive = |label: &[u8]| -> [u8; 32] {
+        mac(key, label, client, server, role, vm)
+            .finalize()
+            .into_bytes()
+            .into()
+    };
+    SessionKeys {
+        monitor_to_agent: FrameKey::new(derive(b"bd-frames-m2a-v2")),
+        agent_to_monitor: FrameKey::new(derive(b"bd-frames-a2m-v2")),
+    }
 }
 
 /// Constant-time comparison of a received proof.

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use crate::auth;
 use crate::descriptor::PublicDescriptor;
-use crate::wire::{read_msg, write_msg, BatchEntry, ErrorCode, Msg, Role, WireError};
+use crate::wire::{
+    read_msg, read_sealed, read_welcome, write_msg, write_sealed, BatchEntry, ErrorCode, FrameKey,
+    Msg, Role, WireError,
+};
 
 /// Errors seen by a monitor.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,10 @@ impl ClientError {
 pub struct Client {
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
+    /// Tags what this client sends.
+    send_key: FrameKey,
+    /// Checks what the agent sends.
+    recv_key: FrameKey,
     next_id: u32,
     descriptor: PublicDescriptor,
     busy_poll: Duration,
@@ -170,7 +177,9 @@ impl Client {
         let mac = auth::monitor_proof(key, &client_nonce, &server_nonce, role, vm);
         write_msg(&mut w, 0, &Msg::Auth { mac })?;
         w.flush().map_err(WireError::Io)?;
-        let descriptor = match read_msg(&mut r)?.1 {
+        let keys = auth::session_keys(key, &client_nonce, &server_nonce, role, vm);
+        let (send_key, mut recv_key) = (keys.monitor_to_agent, keys.agent_to_monitor);
+        let descriptor = match read_welcome(&mut r, &mut recv_key)?.1 {
             Msg::Welcome(json) => parse_descriptor(&json)?,
             Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
             other => {
@@ -182,6 +191,8 @@ impl Client {
         Ok(Self {
             r,
             w,
+            send_key,
+            recv_key,
             next_id: 1,
             descriptor,
             busy_poll: DEFAULT_CLIENT_BUSY_POLL,
@@ -239,7 +250,7 @@ impl Client {
     fn call(&mut self, msg: &Msg) -> Result<Msg, ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        write_msg(&mut self.w, id, msg)?;
+        write_sealed(&mut self.w, id, msg, &mut self.send_key)?;
         self.w.flush().map_err(WireError::Io)?;
         if self.r.buffer().is_empty() {
             crate::wire::spin_until_readable(
@@ -247,7 +258,7 @@ impl Client {
                 self.busy_poll,
             );
         }
-        let (rid, reply) = read_msg(&mut self.r)?;
+        let (rid, reply) = read_sealed(&mut self.r, &mut self.recv_key)?;
         if let Msg::Error { code, message } = reply {
             return Err(ClientError::Refused { code, message });
         }
@@ -344,7 +355,7 @@ impl Client {
                     offset: offset + next,
                     len: u32::try_from(n).unwrap_or(u32::MAX),
                 };
-                write_msg(&mut self.w, id, &req)?;
+                write_sealed(&mut self.w, id, &req, &mut self.send_key)?;
                 in_flight.push_back((id, n));
                 next += n;
             }
@@ -352,7 +363,7 @@ impl Client {
             let Some((id, n)) = in_flight.pop_front() else {
                 break;
             };
-            let (rid, reply) = read_msg(&mut self.r)?;
+            let (rid, reply) = read_sealed(&mut self.r, &mut self.recv_key)?;
             match reply {
                 Msg::ReadOk(b) if rid == id && b.len() as u64 == n => sink(&b),
                 Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),

@@ -9,6 +9,7 @@ pub mod client;
 pub mod descriptor;
 pub mod doctor;
 pub mod guest_mem;
+pub mod handshake;
 pub mod server;
 #[cfg(feature = "verbs")]
 pub mod verbs;

@@ -1,8 +1,10 @@
-//! The agent's TCP server: authenticates monitors and serves the soft
-//! backend's one-sided operations (and hands out RDMA endpoints when the
-//! verbs backend is available). One thread per connection, a bounded
-//! number of connections; a bad request gets an error reply or a closed
-//! connection and a log line, and never affects the guest or other monitors.
+//! The agent's TCP server: admits monitors (`handshake.rs`: one thread
+//! for every pending handshake) and serves the soft backend's one-sided
+//! operations to each authenticated one on a thread of its own (and hands
+//! out RDMA endpoints when the verbs backend is available). Every frame
+//! after the handshake is tagged (wire.rs, `FrameKey`); a bad request gets
+//! an error reply or a closed connection, and never affects the guest or
+//! other monitors.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,17 +16,21 @@ use std::time::Duration;
 use backdoor_dev::Descriptor;
 
 use crate::access::{authorize, Op, Refusal};
-use crate::auth::{self, Keys};
+use crate::auth::Keys;
 use crate::descriptor::{DescriptorSource, PublicDescriptor, VcpuSource};
 use crate::guest_mem::GuestMemory;
+use crate::handshake::{self, Admit, Admitted, Gate, KeyRing, HANDSHAKE_DEADLINE};
 use crate::wire::{
-    read_msg, spin_until_readable, write_msg, ErrorCode, Msg, Role, WireError, MAX_READ,
+    read_sealed, spin_until_readable, write_msg, write_sealed, ErrorCode, Msg, Role, WireError,
+    MAX_READ,
 };
 
-/// How long a monitor has to finish authenticating.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default bound on concurrent monitors.
+/// Default bound on concurrent authenticated monitors (clients still in
+/// their handshake are bounded apart, in `handshake.rs`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default time an authenticated monitor may stay silent before the agent
+/// closes its connection and frees its slot.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default busy-poll window after each reply (see [`Agent::with_busy_poll`]).
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
@@ -51,6 +57,8 @@ pub struct Agent {
     max_connections: usize,
     connections: AtomicUsize,
     busy_poll: Duration,
+    idle_timeout: Duration,
+    handshake_deadline: Duration,
 }
 
 impl std::fmt::Debug for Agent {
@@ -80,7 +88,21 @@ impl Agent {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connections: AtomicUsize::new(0),
             busy_poll: DEFAULT_BUSY_POLL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            handshake_deadline: HANDSHAKE_DEADLINE,
         }
+    }
+
+    /// Closes an authenticated monitor silent for `idle`.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
+    }
+
+    /// Gives each client `deadline` for its whole handshake.
+    pub fn with_handshake_deadline(mut self, deadline: Duration) -> Self {
+        self.handshake_deadline = deadline;
+        self
     }
 
     /// After each reply, spin up to `window` for the monitor's next request
@@ -103,7 +125,7 @@ impl Agent {
         self
     }
 
-    /// Bounds concurrent monitors.
+    /// Bounds concurrent authenticated monitors.
     pub fn with_max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
         self
@@ -117,157 +139,99 @@ impl Agent {
         b
     }
 
-    /// Accepts monitors on `listener` on a thread of its own.
+    /// Accepts monitors on `listener` on a thread of its own: every
+    /// pending handshake on that one thread (`handshake.rs`), each
+    /// authenticated monitor on a thread of its own.
     pub fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<JoinHandle<()>> {
+        let gate =
+            Gate::new(listener, self.clone(), self.clone())?.with_deadline(self.handshake_deadline);
         std::thread::Builder::new()
             .name("bd-agent".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    match stream {
-                        Ok(s) => self.clone().spawn_connection(s),
-                        Err(e) => tracing::warn!("agent: accept failed: {e}"),
-                    }
+                if let Err(e) = gate.run() {
+                    tracing::error!("agent: the accept loop stopped: {e}");
                 }
             })
     }
 
-    fn spawn_connection(self: Arc<Self>, stream: TcpStream) {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        if self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
-            self.connections.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(%peer, "agent: refusing a monitor beyond {} connections", self.max_connections);
-            let mut s = stream;
-            let _ = write_msg(
-                &mut s,
-                0,
-                &error(ErrorCode::Busy, "too many monitors connected".into()),
-            );
-            return;
-        }
-        let agent = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("bd-monitor".into())
-            .spawn(move || {
-                match agent.handle(stream) {
-                    Ok(()) => tracing::debug!(%peer, "agent: monitor left"),
-                    Err(e) => tracing::info!(%peer, "agent: connection closed: {e}"),
-                }
-                agent.connections.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            self.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+    /// The handshake over blocking byte streams (see
+    /// [`handshake::authenticate`]); public so the fuzz targets in `fuzz/`
+    /// drive the real handshake without a socket.
+    pub fn authenticate(
+        &self,
+        r: &mut impl std::io::Read,
+        w: &mut impl Write,
+    ) -> Result<Option<Admitted>, WireError> {
+        handshake::authenticate(&AgentKeys(self), r, w)
     }
 
-    fn handle(&self, stream: TcpStream) -> Result<(), WireError> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let peer: Option<SocketAddr> = stream.peer_addr().ok();
+    /// Serves one authenticated monitor until it leaves, goes idle past
+    /// the idle timeout, or sends a frame that fails its check.
+    fn serve_monitor(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+    ) -> Result<(), WireError> {
+        let Admitted { role, keys } = admitted;
+        let (mut recv_key, mut send_key) = (keys.monitor_to_agent, keys.agent_to_monitor);
+        stream.set_read_timeout(Some(self.idle_timeout))?;
+        stream.set_write_timeout(Some(self.idle_timeout))?;
         let mut r = BufReader::new(stream.try_clone()?);
         let mut w = BufWriter::new(stream.try_clone()?);
-        let Some(role) = self.authenticate(&mut r, &mut w, peer)? else {
-            return Ok(());
-        };
-        stream.set_read_timeout(None)?;
+        tracing::info!(%peer, role = role.name(), "agent: monitor authenticated");
+        write_sealed(
+            &mut w,
+            0,
+            &Msg::Welcome(self.public_descriptor(role)),
+            &mut send_key,
+        )?;
+        w.flush()?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         loop {
             if r.buffer().is_empty() {
                 spin_until_readable(fd, self.busy_poll);
             }
-            let (id, msg) = match read_msg(&mut r) {
+            let (id, msg) = match read_sealed(&mut r, &mut recv_key) {
                 Ok(m) => m,
                 Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(())
                 }
+                Err(WireError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    tracing::info!(%peer, "agent: closing a monitor idle for {:?}", self.idle_timeout);
+                    return Ok(());
+                }
+                Err(e @ WireError::Integrity) => {
+                    // Someone between monitor and agent changed, replayed
+                    // or injected a frame: nothing of it is acted on.
+                    tracing::warn!(%peer, "agent: {e}; closing the connection");
+                    return Err(e);
+                }
                 Err(e @ (WireError::Malformed(_) | WireError::TooLarge(_))) => {
-                    tracing::warn!(?peer, "agent: malformed request, closing: {e}");
-                    let _ = write_msg(&mut w, 0, &error(ErrorCode::BadRequest, e.to_string()));
+                    tracing::warn!(%peer, "agent: malformed request, closing: {e}");
+                    let _ = write_sealed(
+                        &mut w,
+                        0,
+                        &error(ErrorCode::BadRequest, e.to_string()),
+                        &mut send_key,
+                    );
                     let _ = w.flush();
                     return Err(e);
                 }
                 Err(e) => return Err(e),
             };
             let reply = self.dispatch(role, msg).unwrap_or_else(|(code, message)| {
-                tracing::warn!(
-                    ?peer,
-                    role = role.name(),
-                    ?code,
-                    "agent: refused: {message}"
-                );
+                tracing::debug!(%peer, role = role.name(), ?code, "agent: refused: {message}");
                 error(code, message)
             });
-            write_msg(&mut w, id, &reply)?;
+            write_sealed(&mut w, id, &reply, &mut send_key)?;
             w.flush()?;
         }
-    }
-
-    /// HELLO → CHALLENGE → AUTH → WELCOME. Returns the role, or None if
-    /// refused. Public (over any byte streams) so the fuzz targets in
-    /// `fuzz/` drive the real handshake without a socket.
-    pub fn authenticate(
-        &self,
-        r: &mut impl std::io::Read,
-        w: &mut impl Write,
-        peer: Option<SocketAddr>,
-    ) -> Result<Option<Role>, WireError> {
-        let (_, hello) = read_msg(r)?;
-        let Msg::Hello {
-            vm,
-            role,
-            client_nonce,
-        } = hello
-        else {
-            write_msg(w, 0, &error(ErrorCode::BadRequest, "expected HELLO".into()))?;
-            w.flush()?;
-            return Ok(None);
-        };
-        // An unknown VM or a disabled role still gets a challenge (with a
-        // proof under a random key), so a prober learns nothing before AUTH.
-        let key = if vm == self.vm {
-            self.keys.key(role)
-        } else {
-            None
-        };
-        let known = key.is_some();
-        let key = key.unwrap_or_else(|| auth::nonce().to_vec());
-        let server_nonce = auth::nonce();
-        let server_proof = auth::agent_proof(&key, &client_nonce, &server_nonce, role, &vm);
-        write_msg(
-            w,
-            0,
-            &Msg::Challenge {
-                server_nonce,
-                server_proof,
-            },
-        )?;
-        w.flush()?;
-        let (_, reply) = read_msg(r)?;
-        let ok = match reply {
-            Msg::Auth { mac } => {
-                known
-                    && auth::proofs_equal(
-                        &mac,
-                        &auth::monitor_proof(&key, &client_nonce, &server_nonce, role, &vm),
-                    )
-            }
-            _ => false,
-        };
-        if !ok {
-            tracing::warn!(?peer, vm = %vm, role = role.name(), "agent: authentication failed");
-            write_msg(
-                w,
-                0,
-                &error(ErrorCode::AuthFailed, "authentication failed".into()),
-            )?;
-            w.flush()?;
-            return Ok(None);
-        }
-        tracing::info!(?peer, role = role.name(), "agent: monitor authenticated");
-        write_msg(w, 0, &Msg::Welcome(self.public_descriptor(role)))?;
-        w.flush()?;
-        Ok(Some(role))
     }
 
     /// The hooks `role` sees: the guest's, and for the forensic role also
@@ -436,4 +400,54 @@ pub fn forensic_hooks(ranges: &[crate::RamRange]) -> impl Iterator<Item = backdo
 
 fn error(code: ErrorCode, message: String) -> Msg {
     Msg::Error { code, message }
+}
+
+/// The agent's keys as the handshake sees them.
+struct AgentKeys<'a>(&'a Agent);
+
+impl KeyRing for AgentKeys<'_> {
+    fn vm(&self) -> &str {
+        &self.0.vm
+    }
+    fn key(&self, role: Role) -> Option<Vec<u8>> {
+        self.0.keys.key(role)
+    }
+}
+
+impl KeyRing for Arc<Agent> {
+    fn vm(&self) -> &str {
+        &self.vm
+    }
+    fn key(&self, role: Role) -> Option<Vec<u8>> {
+        self.keys.key(role)
+    }
+}
+
+impl Admit for Arc<Agent> {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, admitted: Admitted) {
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "agent: refusing a monitor beyond {} connections", self.max_connections);
+            let mut s = stream;
+            let _ = write_msg(
+                &mut s,
+                0,
+                &error(ErrorCode::Busy, "too many monitors connected".into()),
+            );
+            return;
+        }
+        let agent = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("bd-monitor".into())
+            .spawn(move || {
+                match agent.serve_monitor(stream, peer, admitted) {
+                    Ok(()) => tracing::debug!(%peer, "agent: monitor left"),
+                    Err(e) => tracing::info!(%peer, "agent: connection closed: {e}"),
+                }
+                agent.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }

@@ -118,14 +118,19 @@ fn send_hello(path: &Path, memfd: &File, hello: &Hello) -> Result<UnixStream, Li
 }
 
 /// Streams every change of the table to the agent until the link closes,
-/// and, every [`LINK_CHECK`], where the vCPUs were at their last exits.
+/// and, every [`LINK_CHECK`], a changed tamper count or where the vCPUs
+/// were at their last exits.
 fn publish(stream: &UnixStream, shared: &BackdoorShared, vcpus: Option<&dyn VcpuSource>) {
     let mut w = stream;
     let mut seen = u64::MAX;
+    let mut tamper_sent = 0;
     loop {
         let (version, d) = shared.wait_change(seen, LINK_CHECK);
-        let mut line = if version != seen {
+        // A tamper count is no table change (a guest can bump it at every
+        // exit): it rides along at most once per LINK_CHECK.
+        let mut line = if version != seen || d.tamper_count != tamper_sent {
             seen = version;
+            tamper_sent = d.tamper_count;
             serde_json::to_vec(&d).unwrap_or_default()
         } else if peer_closed(stream) {
             // A sealed table never changes, so a dead agent would go

@@ -1,17 +1,18 @@
-//! Wire protocol v1 between remote monitors and the agent: the control
+//! Wire protocol v2 between remote monitors and the agent: the control
 //! channel (hello, mutual HMAC authentication, descriptor) and the soft
 //! backend's one-sided operations. docs/wire.md describes it for people.
 //!
 //! Every frame is a 16-byte header then a payload of at most
-//! [`MAX_PAYLOAD`] bytes. Decoding never trusts a length: every field is
-//! bounds-checked and a bad frame is an error, never a panic.
+//! [`MAX_PAYLOAD`] bytes; after the handshake each frame is followed by a
+//! [`TAG_LEN`]-byte tag ([`FrameKey`]). Decoding never trusts a length:
+//! every field is bounds-checked and a bad frame is an error, never a panic.
 
 use std::io::{self, Read, Write};
 
 /// "BDW1" in memory order.
 pub const MAGIC: u32 = 0x3157_4442;
-/// Protocol version.
-pub const VERSION: u8 = 1;
+/// Protocol version: 2 tags every frame after the handshake.
+pub const VERSION: u8 = 2;
 /// Header bytes.
 pub const HEADER_LEN: usize = 16;
 /// Largest READ, and largest total of one READ_BATCH.
@@ -36,9 +37,13 @@ pub enum WireError {
     /// Not a frame of this protocol.
     #[error("bad frame: {0}")]
     Malformed(String),
-    /// A frame larger than the protocol allows.
-    #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    /// A frame larger than the protocol allows (or than the handshake needs).
+    #[error("frame of {0} bytes is larger than allowed here")]
     TooLarge(u32),
+    /// A frame whose tag does not match: altered, replayed, reordered or
+    /// dropped between monitor and agent. The connection is unusable.
+    #[error("a frame failed its integrity check (altered, replayed or reordered on the way)")]
+    Integrity,
 }
 
 fn malformed<T>(what: impl Into<String>) -> Result<T, WireError> {
@@ -254,7 +259,7 @@ impl Msg {
             Self::Challenge { .. } => 2,
             Self::Auth { .. } => 3,
             Self::Welcome(_) => 4,
-            Self::Error { .. } => 5,
+            Self::Error { .. } => ERROR_KIND,
             Self::Describe => 6,
             Self::Descriptor(_) => 7,
             Self::Read { .. } => 8,
@@ -529,34 +534,59 @@ impl Cursor<'_> {
     }
 }
 
-/// Writes one frame.
-pub fn write_msg(w: &mut impl Write, request_id: u32, msg: &Msg) -> Result<(), WireError> {
-    // Bulk replies are written straight from their buffer, not re-encoded.
-    let owned;
-    let payload: &[u8] = match msg {
-        Msg::ReadOk(b) | Msg::ReadBatchOk(b) => b,
-        _ => {
-            owned = msg.payload();
-            &owned
-        }
-    };
-    let len = u32::try_from(payload.len()).map_err(|_| WireError::TooLarge(u32::MAX))?;
+/// The payload bytes of `msg`: bulk replies straight from their buffer,
+/// not re-encoded.
+fn payload_bytes(msg: &Msg) -> std::borrow::Cow<'_, [u8]> {
+    match msg {
+        Msg::ReadOk(b) | Msg::ReadBatchOk(b) => std::borrow::Cow::Borrowed(b),
+        _ => std::borrow::Cow::Owned(msg.payload()),
+    }
+}
+
+/// The header of a frame of `kind` carrying `len` payload bytes.
+fn header(kind: u8, request_id: u32, len: usize) -> Result<[u8; HEADER_LEN], WireError> {
+    let len = u32::try_from(len).map_err(|_| WireError::TooLarge(u32::MAX))?;
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    let mut header = [0u8; HEADER_LEN];
-    header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    header[4] = VERSION;
-    header[5] = msg.kind();
-    header[8..12].copy_from_slice(&request_id.to_le_bytes());
-    header[12..16].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&header)?;
-    w.write_all(payload)?;
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = VERSION;
+    h[5] = kind;
+    h[8..12].copy_from_slice(&request_id.to_le_bytes());
+    h[12..16].copy_from_slice(&len.to_le_bytes());
+    Ok(h)
+}
+
+/// Writes one frame.
+pub fn write_msg(w: &mut impl Write, request_id: u32, msg: &Msg) -> Result<(), WireError> {
+    let payload = payload_bytes(msg);
+    w.write_all(&header(msg.kind(), request_id, payload.len())?)?;
+    w.write_all(&payload)?;
     Ok(())
 }
 
-/// Reads one frame: (request id, message).
-pub fn read_msg(r: &mut impl Read) -> Result<(u32, Msg), WireError> {
+/// Writes one frame followed by its tag under `key` (every frame after
+/// the handshake, docs/wire.md "Frame authentication").
+pub fn write_sealed(
+    w: &mut impl Write,
+    request_id: u32,
+    msg: &Msg,
+    key: &mut FrameKey,
+) -> Result<(), WireError> {
+    let payload = payload_bytes(msg);
+    let h = header(msg.kind(), request_id, payload.len())?;
+    let tag = key.tag(&h, &payload);
+    w.write_all(&h)?;
+    w.write_all(&payload)?;
+    w.write_all(&tag)?;
+    Ok(())
+}
+
+/// Reads one frame's header and payload; `max` bounds the payload (a
+/// frame from a peer not yet authenticated gets far less than
+/// [`MAX_PAYLOAD`]).
+fn read_frame(r: &mut impl Read, max: u32) -> Result<([u8; HEADER_LEN], Vec<u8>), WireError> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h)?;
     let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
@@ -569,15 +599,115 @@ pub fn read_msg(r: &mut impl Read) -> Result<(u32, Msg), WireError> {
             h[4]
         ));
     }
-    let kind = h[5];
-    let request_id = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     let len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
-    if len > MAX_PAYLOAD {
+    if len > max {
         return Err(WireError::TooLarge(len));
     }
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload)?;
-    Ok((request_id, Msg::decode_owned(kind, payload)?))
+    Ok((h, payload))
+}
+
+fn decode_frame(h: &[u8; HEADER_LEN], payload: Vec<u8>) -> Result<(u32, Msg), WireError> {
+    let request_id = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    Ok((request_id, Msg::decode_owned(h[5], payload)?))
+}
+
+/// Reads one frame: (request id, message).
+pub fn read_msg(r: &mut impl Read) -> Result<(u32, Msg), WireError> {
+    read_msg_bounded(r, MAX_PAYLOAD)
+}
+
+/// Reads one frame whose payload may be at most `max` bytes.
+pub fn read_msg_bounded(r: &mut impl Read, max: u32) -> Result<(u32, Msg), WireError> {
+    let (h, payload) = read_frame(r, max)?;
+    decode_frame(&h, payload)
+}
+
+/// Reads one frame and its tag, and checks the tag under `key` before
+/// decoding anything: a frame that was altered, replayed, reordered or
+/// dropped on the way fails with [`WireError::Integrity`].
+pub fn read_sealed(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
+    let (h, payload) = read_frame(r, MAX_PAYLOAD)?;
+    let mut tag = [0u8; TAG_LEN];
+    r.read_exact(&mut tag)?;
+    if !key.verify(&h, &payload, &tag) {
+        return Err(WireError::Integrity);
+    }
+    decode_frame(&h, payload)
+}
+
+/// Reads the agent's answer to AUTH: WELCOME, the first tagged frame, or
+/// a refusal, which comes untagged (the agent derives no keys for a
+/// monitor it refuses; a forged refusal can only do what cutting the
+/// connection does).
+pub fn read_welcome(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
+    let (h, payload) = read_frame(r, MAX_PAYLOAD)?;
+    if h[5] != ERROR_KIND {
+        let mut tag = [0u8; TAG_LEN];
+        r.read_exact(&mut tag)?;
+        if !key.verify(&h, &payload, &tag) {
+            return Err(WireError::Integrity);
+        }
+    }
+    decode_frame(&h, payload)
+}
+
+/// The message type of ERROR.
+const ERROR_KIND: u8 = 5;
+
+/// Bytes of the tag that follows every frame after the handshake.
+pub const TAG_LEN: usize = 32;
+
+/// One direction's frame key and sequence number. Each connection has two
+/// (monitor → agent, agent → monitor), derived from the handshake
+/// ([`crate::auth::session_keys`]); the sequence number is implicit, so a
+/// replayed, reordered or dropped frame fails the next check.
+pub struct FrameKey {
+    key: [u8; 32],
+    seq: u64,
+}
+
+impl std::fmt::Debug for FrameKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameKey")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameKey {
+    /// A key whose first frame has sequence number 0.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self { key, seq: 0 }
+    }
+
+    /// The next frame's tag: keyed BLAKE3 over its sequence number, header
+    /// and payload (keyed BLAKE3 is a MAC, and several times faster than
+    /// HMAC-SHA256 on bulk replies).
+    fn tag(&mut self, h: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut m = blake3::Hasher::new_keyed(&self.key);
+        m.update(&self.seq.to_le_bytes());
+        m.update(h);
+        m.update(payload);
+        self.seq += 1;
+        *m.finalize().as_bytes()
+    }
+
+    fn verify(&mut self, h: &[u8; HEADER_LEN], payload: &[u8], tag: &[u8; TAG_LEN]) -> bool {
+        // blake3::Hash compares in constant time.
+        blake3::Hash::from_bytes(self.tag(h, payload)) == blake3::Hash::from_bytes(*tag)
+    }
+
+    /// Seals raw frame bytes (a header and its payload, as read from
+    /// `frame`) for tools and fuzz targets that script an agent.
+    pub fn seal_raw(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+        let h: [u8; HEADER_LEN] = frame.get(..HEADER_LEN)?.try_into().ok()?;
+        let tag = self.tag(&h, &frame[HEADER_LEN..]);
+        let mut out = frame.to_vec();
+        out.extend_from_slice(&tag);
+        Some(out)
+    }
 }
 
 /// Spins for up to `window` until `fd` has data to read (or is closed),
@@ -618,6 +748,52 @@ pub fn spin_until_readable(fd: std::os::fd::RawFd, window: std::time::Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sealed(key: &mut FrameKey, id: u32, m: &Msg) -> Vec<u8> {
+        let mut buf = Vec::new();
+        write_sealed(&mut buf, id, m, key).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_tagged_frame_fails_if_any_bit_changes_or_it_comes_again_or_out_of_order() {
+        let k = [9u8; 32];
+        let (mut tx, mut rx) = (FrameKey::new(k), FrameKey::new(k));
+        let first = sealed(&mut tx, 1, &Msg::ReadOk(vec![1, 2, 3, 4, 5, 6, 7, 8]));
+        let second = sealed(&mut tx, 2, &Msg::AtomicOk(7));
+        assert_eq!(
+            read_sealed(&mut first.as_slice(), &mut rx).unwrap(),
+            (1, Msg::ReadOk(vec![1, 2, 3, 4, 5, 6, 7, 8]))
+        );
+        // Every single-bit change of the next frame is caught.
+        for bit in 0..second.len() * 8 {
+            let mut bad = second.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            let mut probe = FrameKey { key: k, seq: 1 };
+            assert!(
+                read_sealed(&mut bad.as_slice(), &mut probe).is_err(),
+                "bit {bit} flipped unnoticed"
+            );
+        }
+        // The first frame again (a replay) where the second is due.
+        let mut probe = FrameKey { key: k, seq: 1 };
+        assert!(matches!(
+            read_sealed(&mut first.as_slice(), &mut probe),
+            Err(WireError::Integrity)
+        ));
+        // A frame under another key (the other direction, another connection).
+        let mut other = FrameKey::new([8u8; 32]);
+        let foreign = sealed(&mut other, 2, &Msg::AtomicOk(7));
+        let mut probe = FrameKey { key: k, seq: 1 };
+        assert!(matches!(
+            read_sealed(&mut foreign.as_slice(), &mut probe),
+            Err(WireError::Integrity)
+        ));
+        assert_eq!(
+            read_sealed(&mut second.as_slice(), &mut rx).unwrap(),
+            (2, Msg::AtomicOk(7))
+        );
+    }
 
     fn round_trip(m: Msg) {
         let mut buf = Vec::new();

@@ -7,40 +7,19 @@
 //! first).
 #![cfg(feature = "verbs")]
 
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use backdoor_abi::{HookKind, PERM_ALL, PERM_READ};
-use backdoor_agent::auth::{decode_hex, Keys};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use backdoor_abi::{PERM_ALL, PERM_READ};
 use backdoor_agent::verbs::{VerbsBackend, VerbsError};
 use backdoor_agent::verbs_client::VerbsClient;
 use backdoor_agent::wire::Msg;
-use backdoor_agent::{
-    doctor, Agent, Client, ErrorCode, GuestMemory, PushedDescriptor, RamRange, Role,
+use backdoor_agent::{doctor, Client, ErrorCode, GuestMemory, Role};
+use common::{
+    fake_guest, pattern, serve, FakeGuest, HOOK_LEN, PROGRESS, REPAIR, REPAIR_RO, TIMEOUT,
 };
-use backdoor_dev::{Descriptor, Hook};
-
-const READ_KEY: &str = "00112233445566778899aabbccddeeff";
-const REPAIR_KEY: &str = "ffeeddccbbaa99887766554433221100";
-const RAM: u64 = 0x10_0000;
-const RAM_LEN: u64 = 1 << 20;
-/// Hook 1: a progress box (read only), filled with a pattern.
-const PROGRESS: (u32, u64) = (1, RAM);
-/// Hook 2: a repair hook allowing everything.
-const REPAIR: (u32, u64) = (2, RAM + 0x2000);
-/// Hook 3: a repair hook the guest made read-only.
-const REPAIR_RO: (u32, u64) = (3, RAM + 0x4000);
-const HOOK_LEN: u64 = 0x1000;
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-fn pattern() -> Vec<u8> {
-    (0..HOOK_LEN)
-        .map(|i| u8::try_from((i * 7 + 3) % 251).unwrap())
-        .collect()
-}
 
 /// The doctor's reason when no device can run these tests.
 fn skip_reason() -> Option<String> {
@@ -64,7 +43,7 @@ macro_rules! require_rdma {
 }
 
 struct Fixture {
-    _ram: File,
+    _guest: FakeGuest,
     mem: Arc<GuestMemory>,
     addr: SocketAddr,
 }
@@ -76,73 +55,23 @@ fn device() -> Option<String> {
 }
 
 fn fixture(with_verbs: bool) -> Fixture {
-    let fd = nix::sys::memfd::memfd_create(
-        c"verbs-test-ram",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-    )
-    .unwrap();
-    let mut f = File::from(fd);
-    f.set_len(RAM_LEN).unwrap();
-    f.seek(SeekFrom::Start(0)).unwrap();
-    f.write_all(&pattern()).unwrap();
-    let mem = Arc::new(
-        GuestMemory::map(
-            f.try_clone().unwrap(),
-            vec![RamRange {
-                guest_addr: RAM,
-                len: RAM_LEN,
-                file_offset: 0,
-            }],
-        )
-        .unwrap(),
-    );
-    let hook = |(id, gpa): (u32, u64), kind, perms, name: &str| Hook {
-        id,
-        gpa,
-        len: HOOK_LEN,
-        kind,
-        perms,
-        name: name.into(),
-    };
-    let desc = Descriptor {
-        generation: 3,
-        sealed: true,
-        tamper_count: 0,
-        hooks: vec![
-            hook(PROGRESS, HookKind::ProgressBox, PERM_READ, "progress"),
-            hook(REPAIR, HookKind::Repair, PERM_ALL, "repair"),
-            hook(REPAIR_RO, HookKind::Repair, PERM_READ, "repair-ro"),
-        ],
-    };
-    let keys = Keys::parse(
-        &format!("read = \"{READ_KEY}\"\nrepair = \"{REPAIR_KEY}\"\n"),
-        "test",
-    )
-    .unwrap();
-    let mut agent = Agent::new(
-        "vm1".into(),
-        keys,
-        mem.clone(),
-        Arc::new(PushedDescriptor::new(desc)),
-    );
+    let guest = fake_guest();
+    let mem = guest.mem.clone();
+    let mut agent = common::agent(mem.clone());
     if with_verbs {
         let backend = VerbsBackend::open(mem.clone(), device().as_deref()).unwrap();
         agent = agent.with_verbs(Arc::new(backend));
     }
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    Arc::new(agent).serve(listener).unwrap();
-    Fixture { _ram: f, mem, addr }
+    let addr = serve(agent);
+    Fixture {
+        _guest: guest,
+        mem,
+        addr,
+    }
 }
 
 fn client(fx: &Fixture, role: Role) -> Client {
-    let key = decode_hex(if role == Role::Read {
-        READ_KEY
-    } else {
-        REPAIR_KEY
-    })
-    .unwrap();
-    Client::connect(fx.addr, "vm1", role, &key, TIMEOUT).unwrap()
+    common::client(fx.addr, role)
 }
 
 fn verbs_client(fx: &Fixture, role: Role) -> VerbsClient {

@@ -3,7 +3,7 @@
 //! here and calls [`BackdoorShared::reset`] when the guest resets.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backdoor_abi::{
     cmd, reg, HookDesc, HookError, ABI_VERSION, DEV_MAGIC, FEATURE_REPAIR, FEATURE_SEAL, MAX_HOOKS,
@@ -32,10 +32,16 @@ pub struct Descriptor {
     pub hooks: Vec<Hook>,
 }
 
+/// Shortest gap between two log lines about refused commands after seal.
+pub const TAMPER_LOG_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 struct State {
     generation: u32,
     tamper: u32,
+    /// When the last tamper line was logged, and the count then.
+    tamper_logged: Option<Instant>,
+    tamper_at_log: u32,
     table: HookTable,
     /// Bumped on every change, so a publisher can wait for the next one.
     version: u64,
@@ -57,6 +63,8 @@ impl BackdoorShared {
             state: Mutex::new(State {
                 generation: generation.max(1),
                 tamper: 0,
+                tamper_logged: None,
+                tamper_at_log: 0,
                 table: HookTable::default(),
                 version: 0,
             }),
@@ -97,6 +105,7 @@ impl BackdoorShared {
             g => g,
         };
         s.tamper = 0;
+        s.tamper_at_log = 0;
         s.table = HookTable::default();
         self.changed(&mut s);
         s.generation
@@ -226,14 +235,25 @@ impl BackdoorDevice {
         let mut s = self.shared.lock();
         if s.table.sealed() {
             // Every command after the seal is an attempt to change a table
-            // the guest promised to leave alone: refuse and count it.
+            // the guest promised to leave alone: refuse and count it. The
+            // guest can repeat it as fast as it exits, so it is neither a
+            // table change (no version bump, no push to a separate agent:
+            // the count travels with the next periodic update) nor a log
+            // line each: one summary per TAMPER_LOG_EVERY at most.
             s.tamper = s.tamper.saturating_add(1);
-            self.shared.changed(&mut s);
-            tracing::warn!(
-                command = code,
-                tamper_count = s.tamper,
-                "backdoor: command after seal refused"
-            );
+            let now = Instant::now();
+            if s.tamper_logged
+                .is_none_or(|t| now.duration_since(t) >= TAMPER_LOG_EVERY)
+            {
+                tracing::warn!(
+                    command = code,
+                    tamper_count = s.tamper,
+                    refused_since_last_line = s.tamper - s.tamper_at_log,
+                    "backdoor: commands after seal refused"
+                );
+                s.tamper_logged = Some(now);
+                s.tamper_at_log = s.tamper;
+            }
             return Err(HookError::Sealed);
         }
         let result = match code {
@@ -323,11 +343,15 @@ mod tests {
         assert_eq!(r(&mut dev, reg::HOOK_ID), 1);
         w(&mut dev, reg::COMMAND, cmd::SEAL);
         assert_eq!(r(&mut dev, reg::STATUS), STATUS_SEALED);
+        let (sealed_version, _) = shared.wait_change(u64::MAX, Duration::ZERO);
         for c in [cmd::REGISTER, cmd::UNREGISTER, cmd::UPDATE, cmd::SEAL, 77] {
             w(&mut dev, reg::COMMAND, c);
             assert_eq!(r(&mut dev, reg::RESULT), HookError::Sealed.code());
         }
         assert_eq!(r(&mut dev, reg::TAMPER_COUNT), 5);
+        // Refused commands are counted, not published as table changes.
+        let (version, d) = shared.wait_change(sealed_version, Duration::ZERO);
+        assert_eq!((version, d.tamper_count), (sealed_version, 5));
         let d = shared.snapshot();
         assert_eq!(
             (d.generation, d.sealed, d.tamper_count, d.hooks.len()),

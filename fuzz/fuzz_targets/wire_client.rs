@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backdoor_agent::auth;
 use backdoor_agent::wire::{
-    read_msg, write_msg, BatchEntry, Msg, MAX_BATCH, MAX_NAME, MAX_PAYLOAD, MAX_WRITE,
+    read_msg, write_msg, BatchEntry, Msg, HEADER_LEN, MAX_BATCH, MAX_NAME, MAX_PAYLOAD, MAX_WRITE,
 };
 use backdoor_agent::{Client, Role};
 use bdvmm_fuzz::{READ_KEY, VM};
@@ -37,7 +37,7 @@ fn check_decoded(m: &Msg) {
 }
 
 /// One connection of the scripted agent: a genuine handshake, then
-/// `script` verbatim, then end of stream.
+/// `script` split into frames and tagged, then end of stream.
 fn scripted_agent(listener: &TcpListener, script: Vec<u8>) {
     let Ok((mut s, _)) = listener.accept() else {
         return;
@@ -71,7 +71,24 @@ fn scripted_agent(listener: &TcpListener, script: Vec<u8>) {
     if read_msg(&mut s).is_err() {
         return;
     }
-    let _ = s.write_all(&script);
+    // The script's frames go out tagged as the real agent's would, so the
+    // fuzzer reaches the client's decoding, not only its tag check; bytes
+    // that do not make a whole frame go out as they are.
+    let mut key =
+        auth::session_keys(&READ_KEY, &client_nonce, &server_nonce, role, &vm).agent_to_monitor;
+    let mut rest = script.as_slice();
+    while rest.len() >= HEADER_LEN {
+        let len = u32::from_le_bytes(rest[12..16].try_into().unwrap()) as usize;
+        let end = (HEADER_LEN + len).min(rest.len());
+        let Some(sealed) = key.seal_raw(&rest[..end]) else {
+            break;
+        };
+        if s.write_all(&sealed).is_err() {
+            return;
+        }
+        rest = &rest[end..];
+    }
+    let _ = s.write_all(rest);
     let _ = s.shutdown(Shutdown::Write);
     // Drain the client's requests so it never blocks writing them.
     let mut sink = [0u8; 4096];

@@ -17,7 +17,8 @@
  *            newest record (and stop advancing it), 5 die in the middle of
  *            writing session 1's next record (left with an odd seq; session
  *            1 stops), 6 triple-fault, 7 try to change the sealed backdoor
- *            (register, unregister, update, seal: each refused and counted)
+ *            (register, unregister, update, seal: each refused and counted),
+ *            8 try 100,000 times (seal)
  *   u64 @8   inbox doorbell: records delivered so far
  *   @64      inbox: up to 15 records of 256 bytes in the docs/abi.md format
  * Runs in ring 0, where cli and hlt are allowed.
@@ -253,6 +254,23 @@ static void tamper(unsigned long bd_base)
 	puts(" of 4\n");
 }
 
+/*
+ * A flood of commands after the seal, as a hostile guest would send them:
+ * each is refused and counted, and the host logs a bounded summary.
+ */
+#define TAMPER_FLOOD 100000
+
+static void tamper_flood(unsigned long bd_base)
+{
+	unsigned int refused = 0, i;
+
+	for (i = 0; i < TAMPER_FLOOD; i++)
+		refused += bd_seal(bd_base) == BD_E_SEALED;
+	puts("svc: tamper flood refused: ");
+	print_dec(refused);
+	puts("\n");
+}
+
 static void __attribute__((noreturn)) hang(bd_u64 how)
 {
 	puts(how == 1 ? "svc: hanging with interrupts off (spinning)\n"
@@ -344,6 +362,10 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 		if (cmd == 7) {
 			control[0] = 0;
 			tamper(bd_base);
+		}
+		if (cmd == 8) {
+			control[0] = 0;
+			tamper_flood(bd_base);
 		}
 		bell = control[1];
 		/* The monitor writes records, then the doorbell: read in order. */

@@ -607,6 +607,8 @@ pub mod shop {
         pub const TRIPLE_FAULT: u64 = 6;
         /// Try to change the sealed backdoor.
         pub const TAMPER: u64 = 7;
+        /// Try 100,000 times.
+        pub const TAMPER_FLOOD: u64 = 8;
     }
 
     /// The `bdctl` binary next to `bdvmm`.

@@ -220,6 +220,24 @@ fn a_record_torn_mid_write_is_reported_and_its_previous_version_extracted() {
 }
 
 #[test]
+fn a_flood_of_tamper_attempts_is_counted_with_a_bounded_log() {
+    let mut s = shop(&[]);
+    let before = s.vm.stderr().len();
+    s.control(cmd::TAMPER_FLOOD);
+    s.vm.wait_line("svc: tamper flood refused: 100000", T);
+    let mut c = Client::connect(s.addr.as_str(), "shop1", Role::Read, &keys::READ, T).unwrap();
+    assert_eq!(c.describe().unwrap().tamper_count, 100_000);
+    assert_eq!(s.vm.api("backdoor")["tamper_count"], 100_000);
+    // One summary line per 10 s at most (a line each was 100,000 lines).
+    let grown = s.vm.stderr().len() - before;
+    assert!(
+        grown < 4096,
+        "bdvmm logged {grown} bytes for 100,000 refused commands:\n{}",
+        &s.vm.stderr()[before..]
+    );
+}
+
+#[test]
 fn tamper_attempts_after_the_seal_are_refused_counted_and_reported() {
     let mut s = shop(&[]);
     let w = Watch::start(&s.target(), &s.keys, &WATCH);

@@ -1,0 +1,722 @@
+//! Admitting monitors: the handshake (HELLO → CHALLENGE → AUTH) as a
+//! state machine without I/O, and the gate that runs every pending
+//! handshake on one epoll thread (event-manager) under hostile clients.
+//!
+//! What a client that holds no key can take is bounded: a pending
+//! handshake costs one socket and a few hundred bytes, never a thread;
+//! frames before AUTH may carry at most [`PREAUTH_MAX_PAYLOAD`] bytes; the
+//! whole handshake must finish within its deadline however slowly the
+//! bytes trickle in; at most [`MAX_PENDING`] handshakes wait at once
+//! ([`MAX_PENDING_PER_SOURCE`] from one address), and a new arrival
+//! beyond that takes the place of the oldest, so no number of idle
+//! sockets keeps a monitor out. Slots for authenticated monitors are
+//! counted apart (see `server.rs`). Refusals are counted and logged as a
+//! summary at most every [`LOG_EVERY`], never one line each.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::auth::{self, SessionKeys};
+use crate::wire::{read_msg_bounded, write_msg, ErrorCode, Msg, Role, WireError, HEADER_LEN};
+
+/// The largest payload a frame may carry before AUTH succeeds: a HELLO
+/// with the longest VM name is 99 bytes.
+pub const PREAUTH_MAX_PAYLOAD: u32 = 128;
+/// How long a client has for the whole handshake.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// Most handshakes pending at once.
+pub const MAX_PENDING: usize = 4096;
+/// Most handshakes pending from one IP address.
+pub const MAX_PENDING_PER_SOURCE: usize = 1024;
+/// Shortest gap between two summary lines about refused handshakes.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Who may connect, and with which keys: what the handshake needs of the
+/// agent.
+pub trait KeyRing {
+    /// The VM this agent serves.
+    fn vm(&self) -> &str;
+    /// The key of `role`, if that role is enabled.
+    fn key(&self, role: Role) -> Option<Vec<u8>>;
+}
+
+/// A monitor that proved it holds the key of `role`.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Its role.
+    pub role: Role,
+    /// The connection's frame keys (every later frame is tagged).
+    pub keys: SessionKeys,
+}
+
+/// One handshake, fed whole frames.
+#[derive(Debug)]
+pub enum Handshake {
+    /// Waiting for HELLO.
+    Hello,
+    /// CHALLENGE sent, waiting for AUTH.
+    Auth {
+        /// The key proofs are checked against (random if the VM or role
+        /// is unknown: a prober learns nothing before AUTH).
+        key: Vec<u8>,
+        /// Whether `key` is real.
+        known: bool,
+        /// What HELLO said.
+        role: Role,
+        /// The VM HELLO named.
+        vm: String,
+        /// HELLO's nonce.
+        client_nonce: [u8; crate::wire::NONCE_LEN],
+        /// CHALLENGE's nonce.
+        server_nonce: [u8; crate::wire::NONCE_LEN],
+    },
+}
+
+/// What a handshake does after a frame.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this and wait for the next frame.
+    Reply(Msg),
+    /// Authenticated.
+    Admit(Admitted),
+    /// Send this refusal and close.
+    Refuse(Msg, Refused),
+}
+
+/// Why a handshake was refused (for the summary counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Not the frame the handshake expected.
+    Protocol,
+    /// A wrong proof, an unknown VM or a disabled role.
+    Auth,
+}
+
+impl Handshake {
+    /// Feeds the next frame.
+    pub fn step(&mut self, keys: &dyn KeyRing, msg: Msg) -> Step {
+        match (std::mem::replace(self, Self::Hello), msg) {
+            (
+                Self::Hello,
+                Msg::Hello {
+                    vm,
+                    role,
+                    client_nonce,
+                },
+            ) => {
+                let key = if vm == keys.vm() {
+                    keys.key(role)
+                } else {
+                    None
+                };
+                let known = key.is_some();
+                let key = key.unwrap_or_else(|| auth::nonce().to_vec());
+                let server_nonce = auth::nonce();
+                let server_proof = auth::agent_proof(&key, &client_nonce, &server_nonce, role, &vm);
+                *self = Self::Auth {
+                    key,
+                    known,
+                    role,
+                    vm,
+                    client_nonce,
+                    server_nonce,
+                };
+                Step::Reply(Msg::Challenge {
+                    server_nonce,
+                    server_proof,
+                })
+            }
+            (
+                Self::Auth {
+                    key,
+                    known,
+                    role,
+                    vm,
+                    client_nonce,
+                    server_nonce,
+                },
+                Msg::Auth { mac },
+            ) => {
+                let expected = auth::monitor_proof(&key, &client_nonce, &server_nonce, role, &vm);
+                if known && auth::proofs_equal(&mac, &expected) {
+                    Step::Admit(Admitted {
+                        role,
+                        keys: auth::session_keys(&key, &client_nonce, &server_nonce, role, &vm),
+                    })
+                } else {
+                    Step::Refuse(
+                        error(ErrorCode::AuthFailed, "authentication failed"),
+                        Refused::Auth,
+                    )
+                }
+            }
+            (Self::Hello, _) => Step::Refuse(
+                error(ErrorCode::BadRequest, "expected HELLO"),
+                Refused::Protocol,
+            ),
+            (Self::Auth { .. }, _) => Step::Refuse(
+                error(ErrorCode::AuthFailed, "authentication failed"),
+                Refused::Auth,
+            ),
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: &str) -> Msg {
+    Msg::Error {
+        code,
+        message: message.to_owned(),
+    }
+}
+
+/// The handshake over blocking byte streams (the fuzz targets drive it
+/// without a socket): the admitted monitor, or None after a refusal.
+pub fn authenticate(
+    keys: &dyn KeyRing,
+    r: &mut impl Read,
+    w: &mut impl Write,
+) -> Result<Option<Admitted>, WireError> {
+    let mut hs = Handshake::Hello;
+    loop {
+        let (_, msg) = read_msg_bounded(r, PREAUTH_MAX_PAYLOAD)?;
+        match hs.step(keys, msg) {
+            Step::Reply(m) => write_msg(w, 0, &m)?,
+            Step::Admit(a) => return Ok(Some(a)),
+            Step::Refuse(m, _) => {
+                write_msg(w, 0, &m)?;
+                w.flush()?;
+                return Ok(None);
+            }
+        }
+        w.flush()?;
+    }
+}
+
+/// Where the gate sends an admitted monitor: its own connection thread.
+pub trait Admit: Send {
+    /// Takes over `stream` (blocking again) for `admitted`.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, admitted: Admitted);
+}
+
+/// A handshake in progress on a non-blocking socket.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    buf: Vec<u8>,
+    hs: Handshake,
+}
+
+/// Counts of what the gate refused since its last summary line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GateCounts {
+    /// Wrong proofs, unknown VMs, disabled roles.
+    pub auth_failed: u64,
+    /// Frames that were not the expected ones, or too large.
+    pub malformed: u64,
+    /// Handshakes that did not finish within the deadline.
+    pub timed_out: u64,
+    /// Pending handshakes dropped to make room for newer ones.
+    pub evicted: u64,
+    /// Accepts that found the process out of file descriptors.
+    pub no_fds: u64,
+    /// Other failed accepts.
+    pub accept_failed: u64,
+}
+
+impl GateCounts {
+    fn any(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// The listener and every pending handshake: one event-manager
+/// subscriber on one thread.
+pub struct Gate<K, A> {
+    listener: TcpListener,
+    /// Whether the listener is in the epoll set (out of fds, it is not).
+    listening: bool,
+    tick: TimerFd,
+    keys: K,
+    admit: A,
+    deadline: Duration,
+    pending: HashMap<u32, Pending>,
+    /// Arrival order (fd, arrival number) for eviction of the oldest;
+    /// entries whose handshake already ended are skipped.
+    order: VecDeque<(u32, u64)>,
+    arrivals: HashMap<u32, u64>,
+    per_source: HashMap<IpAddr, usize>,
+    next_arrival: u64,
+    counts: GateCounts,
+    total: GateCounts,
+    last_log: Instant,
+}
+
+impl<K, A> std::fmt::Debug for Gate<K, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("pending", &self.pending.len())
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The listener's event data (socket fds are their own data).
+const LISTENER: u32 = u32::MAX;
+/// The sweep timer's event data.
+const TICK: u32 = u32::MAX - 1;
+/// How often deadlines are checked.
+const TICK_EVERY: Duration = Duration::from_millis(250);
+
+impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
+    /// A gate for `listener` that hands admitted monitors to `admit`.
+    pub fn new(listener: TcpListener, keys: K, admit: A) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let mut tick = TimerFd::new()?;
+        tick.reset(TICK_EVERY, Some(TICK_EVERY))?;
+        raise_fd_limit();
+        Ok(Self {
+            listener,
+            listening: true,
+            tick,
+            keys,
+            admit,
+            deadline: HANDSHAKE_DEADLINE,
+            pending: HashMap::new(),
+            order: VecDeque::new(),
+            arrivals: HashMap::new(),
+            per_source: HashMap::new(),
+            next_arrival: 0,
+            counts: GateCounts::default(),
+            total: GateCounts::default(),
+            last_log: Instant::now(),
+        })
+    }
+
+    /// Gives each client `deadline` for its whole handshake.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Runs the gate on the calling thread, forever.
+    pub fn run(self) -> io::Result<()>
+    where
+        K: 'static,
+        A: 'static,
+    {
+        let mut events: EventManager<Self> =
+            EventManager::new().map_err(|e| io::Error::other(format!("{e:?}")))?;
+        events.add_subscriber(self);
+        loop {
+            events
+                .run()
+                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        }
+    }
+
+    fn accept_all(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => self.start(stream, peer, ops),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of fds: the oldest pending handshake makes room;
+                    // with none to drop, stop accepting until the next tick
+                    // rather than spin on a listener that stays readable.
+                    self.counts.no_fds += 1;
+                    if self.pending.is_empty() {
+                        let _ =
+                            ops.remove(Events::with_data(&self.listener, LISTENER, EventSet::IN));
+                        self.listening = false;
+                        return;
+                    }
+                    self.evict_oldest(None, ops);
+                }
+                Err(e) => {
+                    self.counts.accept_failed += 1;
+                    tracing::debug!("agent: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, stream: TcpStream, peer: SocketAddr, ops: &mut EventOps) {
+        if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
+            return;
+        }
+        let from_source = self.per_source.get(&peer.ip()).copied().unwrap_or(0);
+        if from_source >= MAX_PENDING_PER_SOURCE {
+            self.evict_oldest(Some(peer.ip()), ops);
+        } else if self.pending.len() >= MAX_PENDING {
+            self.evict_oldest(None, ops);
+        }
+        let fd = fd_key(&stream);
+        if ops
+            .add(Events::with_data(
+                &stream,
+                fd,
+                EventSet::IN | EventSet::READ_HANG_UP,
+            ))
+            .is_err()
+        {
+            return;
+        }
+        let n = self.next_arrival;
+        self.next_arrival += 1;
+        self.order.push_back((fd, n));
+        self.arrivals.insert(fd, n);
+        *self.per_source.entry(peer.ip()).or_default() += 1;
+        self.pending.insert(
+            fd,
+            Pending {
+                stream,
+                peer,
+                deadline: Instant::now() + self.deadline,
+                buf: Vec::new(),
+                hs: Handshake::Hello,
+            },
+        );
+    }
+
+    /// Drops the oldest pending handshake (from `source`, if given).
+    fn evict_oldest(&mut self, source: Option<IpAddr>, ops: &mut EventOps) {
+        let mut kept = VecDeque::new();
+        let mut victim = None;
+        while let Some((fd, n)) = self.order.pop_front() {
+            if self.arrivals.get(&fd) != Some(&n) {
+                continue; // that handshake already ended
+            }
+            let matches =
+                source.is_none_or(|ip| self.pending.get(&fd).is_some_and(|p| p.peer.ip() == ip));
+            if matches {
+                victim = Some(fd);
+                break;
+            }
+            kept.push_back((fd, n));
+        }
+        while let Some(e) = kept.pop_back() {
+            self.order.push_front(e);
+        }
+        if let Some(fd) = victim {
+            self.counts.evicted += 1;
+            self.end(fd, ops);
+        }
+    }
+
+    /// Forgets a pending handshake (closing its socket unless `keep`).
+    fn take(&mut self, fd: u32, ops: &mut EventOps) -> Option<Pending> {
+        let p = self.pending.remove(&fd)?;
+        self.arrivals.remove(&fd);
+        let _ = ops.remove(Events::with_data(
+            &p.stream,
+            fd,
+            EventSet::IN | EventSet::READ_HANG_UP,
+        ));
+        if let Some(n) = self.per_source.get_mut(&p.peer.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&p.peer.ip());
+            }
+        }
+        Some(p)
+    }
+
+    fn end(&mut self, fd: u32, ops: &mut EventOps) {
+        drop(self.take(fd, ops));
+    }
+
+    /// Reads what `fd` has and advances its handshake.
+    fn readable(&mut self, fd: u32, ops: &mut EventOps) {
+        let Some(p) = self.pending.get_mut(&fd) else {
+            return;
+        };
+        let mut chunk = [0u8; HEADER_LEN + PREAUTH_MAX_PAYLOAD as usize];
+        let n = match p.stream.read(&mut chunk) {
+            Ok(0) => return self.end(fd, ops),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return
+            }
+            Err(_) => return self.end(fd, ops),
+        };
+        p.buf.extend_from_slice(&chunk[..n]);
+        loop {
+            let Some(p) = self.pending.get_mut(&fd) else {
+                return;
+            };
+            let need = match frame_len(&p.buf) {
+                Ok(Some(need)) => need,
+                Ok(None) => return, // more bytes to come
+                Err(()) => {
+                    self.counts.malformed += 1;
+                    return self.refuse(
+                        fd,
+                        &error(ErrorCode::BadRequest, "bad handshake frame"),
+                        ops,
+                    );
+                }
+            };
+            let frame: Vec<u8> = p.buf.drain(..need).collect();
+            let msg = match read_msg_bounded(&mut frame.as_slice(), PREAUTH_MAX_PAYLOAD) {
+                Ok((_, m)) => m,
+                Err(_) => {
+                    self.counts.malformed += 1;
+                    return self.refuse(
+                        fd,
+                        &error(ErrorCode::BadRequest, "bad handshake frame"),
+                        ops,
+                    );
+                }
+            };
+            match p.hs.step(&self.keys, msg) {
+                Step::Reply(m) => {
+                    if !send_now(&mut p.stream, &m) {
+                        return self.end(fd, ops);
+                    }
+                }
+                Step::Admit(admitted) => {
+                    let Some(p) = self.take(fd, ops) else {
+                        return;
+                    };
+                    // The client waits for WELCOME: nothing may follow AUTH.
+                    if !p.buf.is_empty() || p.stream.set_nonblocking(false).is_err() {
+                        self.counts.malformed += 1;
+                        return;
+                    }
+                    return self.admit.admit(p.stream, p.peer, admitted);
+                }
+                Step::Refuse(m, why) => {
+                    match why {
+                        Refused::Auth => self.counts.auth_failed += 1,
+                        Refused::Protocol => self.counts.malformed += 1,
+                    }
+                    return self.refuse(fd, &m, ops);
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, fd: u32, m: &Msg, ops: &mut EventOps) {
+        if let Some(mut p) = self.take(fd, ops) {
+            send_now(&mut p.stream, m);
+        }
+    }
+
+    /// Ends the handshakes past their deadline, and logs the summary.
+    fn sweep(&mut self, now: Instant, ops: &mut EventOps) {
+        let expired: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in expired {
+            self.counts.timed_out += 1;
+            self.end(fd, ops);
+        }
+        if !self.listening
+            && ops
+                .add(Events::with_data(&self.listener, LISTENER, EventSet::IN))
+                .is_ok()
+        {
+            self.listening = true;
+        }
+        // The arrival queue only ever holds live handshakes and a bounded
+        // backlog of ended ones; compact it when the backlog dominates.
+        if self.order.len() > 2 * self.pending.len() + 64 {
+            let arrivals = &self.arrivals;
+            self.order.retain(|(fd, n)| arrivals.get(fd) == Some(n));
+        }
+        if self.counts.any() && now.duration_since(self.last_log) >= LOG_EVERY {
+            let c = self.counts;
+            tracing::warn!(
+                auth_failed = c.auth_failed,
+                malformed = c.malformed,
+                timed_out = c.timed_out,
+                evicted = c.evicted,
+                out_of_fds = c.no_fds,
+                accept_failed = c.accept_failed,
+                pending = self.pending.len(),
+                "agent: handshakes refused in the last {} s",
+                now.duration_since(self.last_log).as_secs()
+            );
+            self.total.auth_failed += c.auth_failed;
+            self.total.malformed += c.malformed;
+            self.total.timed_out += c.timed_out;
+            self.total.evicted += c.evicted;
+            self.total.no_fds += c.no_fds;
+            self.total.accept_failed += c.accept_failed;
+            self.counts = GateCounts::default();
+            self.last_log = now;
+        }
+    }
+}
+
+impl<K: KeyRing + Send, A: Admit> MutEventSubscriber for Gate<K, A> {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.listener, LISTENER, EventSet::IN)) {
+            tracing::error!("agent: cannot poll the listening socket: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.tick, TICK, EventSet::IN)) {
+            tracing::error!("agent: cannot poll the handshake timer: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.data();
+        if fd == LISTENER {
+            return self.accept_all(ops);
+        }
+        if fd == TICK {
+            let _ = self.tick.wait();
+            return self.sweep(Instant::now(), ops);
+        }
+        if events.event_set().contains(EventSet::IN) {
+            self.readable(fd, ops);
+        }
+        if events
+            .event_set()
+            .intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+            && self.pending.contains_key(&fd)
+        {
+            self.end(fd, ops);
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit
+/// (best effort), so that a flood of pending handshakes meets
+/// [`MAX_PENDING`] before it meets the fd limit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
+}
+
+fn fd_key(s: &TcpStream) -> u32 {
+    // fds are small non-negative integers, far below TICK.
+    u32::try_from(s.as_raw_fd()).unwrap_or(TICK - 1)
+}
+
+/// The length of the first whole frame in `buf`: None if incomplete,
+/// Err if its header already says it is not a handshake frame.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[12..16].try_into().map_err(|_| ())?);
+    if len > PREAUTH_MAX_PAYLOAD {
+        return Err(());
+    }
+    let need = HEADER_LEN + len as usize;
+    Ok((buf.len() >= need).then_some(need))
+}
+
+/// Writes a small frame to a fresh non-blocking socket: it fits the
+/// socket's buffer, and a client that does not read it is not waited for.
+fn send_now(s: &mut TcpStream, m: &Msg) -> bool {
+    let mut frame = Vec::new();
+    write_msg(&mut frame, 0, m).is_ok() && s.write_all(&frame).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct OneKey;
+    impl KeyRing for OneKey {
+        fn vm(&self) -> &str {
+            "vm1"
+        }
+        fn key(&self, role: Role) -> Option<Vec<u8>> {
+            (role == Role::Read).then(|| b"read-key-16-byte".to_vec())
+        }
+    }
+
+    /// Runs a handshake as a monitor with `key` would, for `vm` and `role`.
+    fn attempt(vm: &str, role: Role, key: &[u8]) -> Step {
+        let mut hs = Handshake::Hello;
+        let client_nonce = [4u8; 32];
+        let Step::Reply(Msg::Challenge { server_nonce, .. }) = hs.step(
+            &OneKey,
+            Msg::Hello {
+                vm: vm.into(),
+                role,
+                client_nonce,
+            },
+        ) else {
+            panic!("no challenge");
+        };
+        let mac = auth::monitor_proof(key, &client_nonce, &server_nonce, role, vm);
+        hs.step(&OneKey, Msg::Auth { mac })
+    }
+
+    #[test]
+    fn only_the_right_key_for_the_right_vm_and_role_is_admitted() {
+        assert!(matches!(
+            attempt("vm1", Role::Read, b"read-key-16-byte"),
+            Step::Admit(Admitted {
+                role: Role::Read,
+                ..
+            })
+        ));
+        for (vm, role, key) in [
+            ("vm1", Role::Read, &b"wrong-key-16-byt"[..]),
+            ("vm2", Role::Read, b"read-key-16-byte"),
+            ("vm1", Role::Repair, b"read-key-16-byte"),
+        ] {
+            assert!(
+                matches!(attempt(vm, role, key), Step::Refuse(_, Refused::Auth)),
+                "{vm} {role:?}"
+            );
+        }
+        let mut hs = Handshake::Hello;
+        assert!(matches!(
+            hs.step(&OneKey, Msg::Auth { mac: [0; 32] }),
+            Step::Refuse(_, Refused::Protocol)
+        ));
+    }
+
+    #[test]
+    fn a_handshake_frame_may_not_claim_more_than_a_hello_needs() {
+        let mut hello = Vec::new();
+        write_msg(
+            &mut hello,
+            0,
+            &Msg::Hello {
+                vm: "v".repeat(crate::wire::MAX_NAME),
+                role: Role::Read,
+                client_nonce: [0; 32],
+            },
+        )
+        .unwrap();
+        assert!(hello.len() <= HEADER_LEN + PREAUTH_MAX_PAYLOAD as usize);
+        assert_eq!(frame_len(&hello), Ok(Some(hello.len())));
+        assert_eq!(frame_len(&hello[..HEADER_LEN + 3]), Ok(None));
+        let mut big = hello[..HEADER_LEN].to_vec();
+        big[12..16].copy_from_slice(&(PREAUTH_MAX_PAYLOAD + 1).to_le_bytes());
+        assert_eq!(frame_len(&big), Err(()));
+    }
+}
