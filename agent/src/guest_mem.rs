@@ -193,10 +193,24 @@ impl GuestMemory {
 
 /// A fresh memfd of `len` bytes: stand-in guest RAM for tests and benchmarks.
 pub fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<File> {
-    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-        .map_err(std::io::Error::from)?;
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::MemFdCreateFlag;
+    use std::os::fd::AsRawFd;
+    let fd = nix::sys::memfd::memfd_create(
+        name,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(std::io::Error::from)?;
     let f = File::from(fd);
     f.set_len(len)?;
+    // Sized once, like bdvmm's guest RAM: an agent refuses it otherwise.
+    fcntl(
+        f.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
+    )
+    .map_err(std::io::Error::from)?;
     Ok(f)
 }
 

@@ -10,6 +10,7 @@ pub mod descriptor;
 pub mod doctor;
 pub mod guest_mem;
 pub mod handshake;
+pub mod peer;
 pub mod server;
 #[cfg(feature = "verbs")]
 pub mod verbs;

@@ -48,6 +48,10 @@ pub enum LinkError {
     /// The memfd cannot be mapped.
     #[error(transparent)]
     Map(#[from] MapError),
+    /// The agent listening there runs as another user: guest RAM is not
+    /// handed to it.
+    #[error("VMM link: {0}")]
+    Peer(#[from] crate::peer::PeerError),
 }
 
 /// How often the VMM side checks that the agent is still there, and how
@@ -99,6 +103,7 @@ pub fn connect_and_publish(
 /// Connects to the agent at `path` and sends the hello line with the memfd.
 fn send_hello(path: &Path, memfd: &File, hello: &Hello) -> Result<UnixStream, LinkError> {
     let stream = UnixStream::connect(path)?;
+    crate::peer::check_same_user(&stream)?;
     let mut line = serde_json::to_vec(hello).map_err(|e| LinkError::Bad(e.to_string()))?;
     line.push(b'\n');
     let fds = [memfd.as_raw_fd()];
@@ -180,18 +185,43 @@ pub type Accepted = (
 /// what [`Accepted`] holds, following the VMM's updates (on a thread)
 /// until the VMM goes away.
 pub fn accept(listener: &UnixListener) -> Result<Accepted, LinkError> {
-    let (stream, _) = listener.accept()?;
+    // Whoever sends the memfd decides what monitors read as this guest's
+    // memory: another user's process, or one that sends no valid hello in
+    // time, is turned away, and the agent keeps waiting for its VMM.
+    loop {
+        let (stream, _) = listener.accept()?;
+        match admit_vmm(stream) {
+            Ok(a) => return Ok(a),
+            Err(e) => tracing::warn!("agent: refusing a VMM link: {e}"),
+        }
+    }
+}
+
+/// How long a VMM has to send its hello once connected.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Seals the guest-RAM memfd must carry: no process sharing it can shrink
+/// it under the agent's mapping (which would SIGBUS the agent).
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK;
+
+/// Checks one connection to the VMM socket and takes its guest RAM.
+fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
+    crate::peer::check_same_user(&stream)?;
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let (first, memfd) = recv_hello(&stream)?;
+    check_seals(&memfd)?;
     // The first read may hold the hello and the start of an update: keep
     // whatever follows the hello's newline in front of the stream.
     let (mut line, rest) = match first.iter().position(|&b| b == b'\n') {
         Some(nl) => (first[..=nl].to_vec(), first[nl + 1..].to_vec()),
         None => (first, Vec::new()),
     };
+    let handle = stream.try_clone()?;
     let mut reader = BufReader::new(std::io::Cursor::new(rest).chain(stream));
     if !line.ends_with(b"\n") {
         read_line(&mut reader, &mut line)?;
     }
+    handle.set_read_timeout(None)?;
     let hello: Hello =
         serde_json::from_slice(&line).map_err(|e| LinkError::Bad(format!("hello: {e}")))?;
     if hello.vm.is_empty() || hello.vm.len() > crate::wire::MAX_NAME {
@@ -229,6 +259,24 @@ pub fn accept(listener: &UnixListener) -> Result<Accepted, LinkError> {
         follower.vmm_gone();
     })?;
     Ok((hello.vm, mem, table, vcpus))
+}
+
+/// Refuses a memfd that lacks [`REQUIRED_SEALS`].
+fn check_seals(memfd: &File) -> Result<(), LinkError> {
+    // SAFETY: fcntl(F_GET_SEALS) on an fd we own; the result is checked.
+    let seals = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(LinkError::Bad(format!(
+            "guest RAM is not a sealable memfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+        return Err(LinkError::Bad(format!(
+            "guest RAM memfd has seals {seals:#x}, not F_SEAL_SHRINK: its owner could shrink it under this agent"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; 0 at end of stream.
@@ -298,6 +346,47 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10))
             .expect("the VMM never (re)connected")
             .expect("a good hello")
+    }
+
+    #[test]
+    fn an_agent_turns_away_links_without_a_hello_or_a_sealed_memfd_and_waits_for_its_vmm() {
+        let dir = std::env::temp_dir().join(format!("bd-link-seal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let hello = Hello {
+            vm: "vm1".into(),
+            ranges: vec![RamRange {
+                guest_addr: 0,
+                len: 1 << 20,
+                file_offset: 0,
+            }],
+            descriptor: BackdoorShared::new(1).snapshot(),
+        };
+        // A connection that says nothing, then a memfd its sender could
+        // still shrink under the agent.
+        drop(UnixStream::connect(&path).unwrap());
+        let unsealed = File::from(
+            nix::sys::memfd::memfd_create(
+                c"unsealed",
+                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+            )
+            .unwrap(),
+        );
+        unsealed.set_len(1 << 20).unwrap();
+        let bad = send_hello(&path, &unsealed, &hello).unwrap();
+        let good = send_hello(
+            &path,
+            &crate::guest_mem::memfd(c"sealed", 1 << 20).unwrap(),
+            &hello,
+        )
+        .unwrap();
+        let (vm, mem, _, _) = accept_within(&listener);
+        assert_eq!((vm.as_str(), mem.ranges().len()), ("vm1", 1));
+        assert!(peer_closed(&bad), "the unsealed link was not closed");
+        drop(good);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -349,6 +349,30 @@ fn reads_of_a_paused_hung_or_halted_guest_succeed_and_cost_it_no_exits() {
 }
 
 #[test]
+fn a_second_agent_leaves_a_live_agents_socket_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let agent = AgentProcess::start(dir.path(), &k);
+    let sock = agent.vmm_sock.to_str().unwrap().to_owned();
+    let (code, err) = bdvmm_tests::run_bdvmm(&[
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--keys",
+        k.to_str().unwrap(),
+        "--vmm-sock",
+        &sock,
+    ]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("in use by a live agent"), "{err}");
+    // The first agent, probed by the second, still waits for its VMM.
+    let mut vm = Vm::test_guest("bd_serve", 3, &["--name", "vm1", "--agent-sock", &sock]);
+    vm.wait_line("bd-serve: ready", T);
+    let mut c = connect(&agent.addr, Role::Read);
+    assert_eq!(value(&mut c, 1), 12345, "{}", agent.stderr());
+}
+
+#[test]
 fn the_separate_agent_keeps_serving_after_the_vmm_is_sigkilled() {
     let dir = tempfile::tempdir().unwrap();
     let k = keys::write_file(dir.path());

@@ -187,3 +187,58 @@ fn vcpus_tells_where_a_hung_guest_spins_or_halts_with_interrupts_off() {
     assert_eq!(a["vcpus"][0]["rip"], b["vcpus"][0]["rip"], "{a} {b}");
     assert_eq!(a["vcpus"][0]["cpl"], 3, "{a}");
 }
+
+/// Runs Debian's `python3 -c SCRIPT ARG` as uid/gid 65534 (nobody): its
+/// stdout (not a python3 on PATH: it may live where nobody cannot reach).
+fn as_nobody(script: &str, arg: &std::path::Path) -> String {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .arg(arg)
+        .output()
+        .expect("run setpriv (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn another_users_process_cannot_drive_the_vm_even_where_the_socket_lets_it_in() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bdvmm_tests::skip(
+            "another_users_process_cannot_drive_the_vm_even_where_the_socket_lets_it_in",
+            "it must run as root to start a process of another user",
+        );
+        return;
+    }
+    let mut vm = Vm::test_guest("ticker", 3, &[]);
+    vm.wait_console("tick 3\n", T);
+    // Filesystem permissions that would let anyone in.
+    let sock = vm.dir().join("api.sock");
+    std::fs::set_permissions(vm.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let reply = as_nobody(
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.connect(sys.argv[1])\n\
+         try:\n    s.sendall(b'{\"cmd\":\"pause\"}\\n')\n    print(repr(s.recv(4096)))\n\
+         except OSError as e:\n    print('closed', e.errno)\n",
+        &sock,
+    );
+    assert!(
+        reply.trim() == "b''" || reply.starts_with("closed"),
+        "nobody got an answer: {reply}"
+    );
+    assert_eq!(vm.api("status")["state"], "running", "nobody paused the VM");
+}

@@ -18,7 +18,14 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = tcp.local_addr().map_err(|e| e.to_string())?;
     if args.vmm_sock.exists() {
-        // A stale socket from an agent that died; a live one would refuse the bind below anyway.
+        // A live agent answers there: leave it alone (removing its path
+        // would orphan it). Only a stale socket of a dead one is replaced.
+        if std::os::unix::net::UnixStream::connect(&args.vmm_sock).is_ok() {
+            return Err(format!(
+                "{} is in use by a live agent",
+                args.vmm_sock.display()
+            ));
+        }
         let _ = std::fs::remove_file(&args.vmm_sock);
     }
     let unix = UnixListener::bind(&args.vmm_sock)

@@ -264,6 +264,8 @@ pub struct ApiServer {
     listener: UnixListener,
     conns: HashMap<RawFd, Connection>,
     control: Arc<VmControl>,
+    /// Connections refused for their peer's user (logged at powers of two).
+    refused_peers: u64,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -295,6 +297,7 @@ impl ApiServer {
             listener,
             conns: HashMap::new(),
             control,
+            refused_peers: 0,
         })
     }
 
@@ -302,6 +305,17 @@ impl ApiServer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if let Err(e) = backdoor_agent::peer::check_same_user(&stream) {
+                        // Control of the VM is for its own user (or root).
+                        self.refused_peers += 1;
+                        if self.refused_peers.is_power_of_two() {
+                            tracing::warn!(
+                                refused = self.refused_peers,
+                                "control socket: refusing a connection: {e}"
+                            );
+                        }
+                        continue;
+                    }
                     if self.conns.len() >= MAX_CONNECTIONS {
                         tracing::warn!(
                             "control socket: refusing a connection beyond {MAX_CONNECTIONS}"

@@ -165,20 +165,19 @@ fn create_memfd(size: u64, hugepages: bool) -> Result<File, MemoryError> {
     file.set_len(size)
         .map_err(|source| MemoryError::Resize { size, source })?;
     // Sealing the size means no process sharing this memfd can shrink it
-    // under another's mapping (which would SIGBUS the VMM or the agent).
-    // Hugetlbfs memfds do not support seals; that is fine, they cannot be resized either.
-    if !hugepages {
-        // SAFETY: fcntl on a valid fd with integer arguments; the result is checked.
-        let rc = unsafe {
-            libc::fcntl(
-                file.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-            )
-        };
-        if rc < 0 {
-            return Err(MemoryError::Memfd(io::Error::last_os_error()));
-        }
+    // under another's mapping (which would SIGBUS the VMM or the agent);
+    // the agent refuses a memfd without F_SEAL_SHRINK. Hugetlbfs memfds
+    // take seals too (Linux 4.16 and later), and can be truncated without.
+    // SAFETY: fcntl on a valid fd with integer arguments; the result is checked.
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if rc < 0 {
+        return Err(MemoryError::Memfd(io::Error::last_os_error()));
     }
     Ok(file)
 }
@@ -220,6 +219,20 @@ mod tests {
         let ram = GuestRam::new(8 << 20, false).unwrap();
         assert!(ram.memfd().set_len(4 << 20).is_err());
         assert!(ram.memfd().set_len(16 << 20).is_err());
+    }
+
+    #[test]
+    fn a_hugetlb_memfd_is_sealed_too() {
+        // Creating and sizing it needs no reserved huge page (none are
+        // reserved here); only touching its memory would.
+        let f = create_memfd(4 << 20, true).unwrap();
+        // SAFETY: fcntl(F_GET_SEALS) on a valid fd.
+        let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(
+            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL),
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+        );
+        assert!(f.set_len(2 << 20).is_err(), "a sealed hugetlb memfd shrank");
     }
 
     #[test]
