@@ -164,7 +164,8 @@ pub struct WatchArgs {
     /// Shell command to run on a hang; the event is in $BDCTL_EVENT.
     #[arg(long, value_name = "CMD")]
     pub on_hang: Option<String>,
-    /// Extract the hung guest's sessions into DIR.
+    /// Extract the hung guest's sessions into DIR (over the watch's own
+    /// connection, then up to 4 new ones with backoff).
     #[arg(long, value_name = "DIR")]
     pub extract_on_hang: Option<PathBuf>,
     /// Stop after N polling rounds.

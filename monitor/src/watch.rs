@@ -125,7 +125,16 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
                 } = &e
                 {
                     hang_seen = true;
-                    pending_actions += run_actions(&w.target, &v, opts, &done_tx);
+                    // The extraction takes the connection this watch holds:
+                    // a hung guest's agent may have no slot for a new one
+                    // (the next poll connects again).
+                    let held = if opts.extract_on_hang.is_some() {
+                        w.described = None;
+                        w.client.take()
+                    } else {
+                        None
+                    };
+                    pending_actions += run_actions(&w.target, &v, opts, &done_tx, held);
                 }
             }
         }
@@ -297,6 +306,7 @@ fn run_actions(
     event: &serde_json::Value,
     opts: &WatchOptions,
     done: &mpsc::Sender<serde_json::Value>,
+    held: Option<Client>,
 ) -> usize {
     let evidence = opts.evidence_dir.is_some();
     let reports = usize::from(evidence)
@@ -345,11 +355,12 @@ fn run_actions(
             })
         });
         if let Some(dir) = &opts.extract_on_hang {
-            let v = match extract_to_dir(&target, dir, opts.timeout) {
-                Ok((file, x)) => json!({
+            let v = match extract_to_dir(&target, dir, opts.timeout, held) {
+                Ok((file, x, attempts)) => json!({
                     "event": "extracted", "target": target.name, "file": file.display().to_string(),
                     "sessions": x.sessions.len(), "accepted": x.summary.accepted, "torn": x.summary.torn,
-                    "corrupt": x.summary.corrupt, "generation": x.generation, "ts_unix_ms": now_ms(),
+                    "corrupt": x.summary.corrupt, "generation": x.generation, "attempts": attempts,
+                    "ts_unix_ms": now_ms(),
                 }),
                 Err(e) => {
                     json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
@@ -376,25 +387,56 @@ fn capture_evidence(
     crate::evidence::write_bundle(dir, &target.name, &bundle)
 }
 
+/// Extraction attempts after a hang, the first over the watch's own
+/// connection, then on new ones after 100, 200, 400 and 800 ms.
+const EXTRACT_ATTEMPTS: u32 = 5;
+const EXTRACT_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Extracts into `dir` (over `held` first); returns the file, the
+/// extraction and how many attempts it took.
 fn extract_to_dir(
     target: &Target,
     dir: &std::path::Path,
     timeout: Duration,
-) -> Result<(PathBuf, extract::Extraction), String> {
-    let mut c = target
-        .connect(Role::Read, timeout.max(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    let x = extract::extract(&mut c, None, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    mut held: Option<Client>,
+) -> Result<(PathBuf, extract::Extraction, u32), String> {
+    let mut backoff = EXTRACT_FIRST_BACKOFF;
+    let mut last = String::new();
+    for attempt in 1..=EXTRACT_ATTEMPTS {
+        if attempt > 1 {
+            std::thread::sleep(backoff);
+            backoff *= 2;
+        }
+        let mut c = match held.take() {
+            Some(c) => c,
+            None => match target.connect(Role::Read, timeout.max(Duration::from_secs(2))) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            },
+        };
+        match extract::extract(&mut c, None, &mut |_, _| {}) {
+            Ok(x) => return write_extraction(dir, &target.name, &x).map(|f| (f, x, attempt)),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!(
+        "extraction failed {EXTRACT_ATTEMPTS} times, last: {last}"
+    ))
+}
+
+fn write_extraction(
+    dir: &std::path::Path,
+    name: &str,
+    x: &extract::Extraction,
+) -> Result<PathBuf, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let file = dir.join(format!(
-        "{}-g{}-{}.json",
-        target.name,
-        x.generation,
-        now_ms()
-    ));
-    let text = serde_json::to_string_pretty(&x).map_err(|e| e.to_string())?;
+    let file = dir.join(format!("{name}-g{}-{}.json", x.generation, now_ms()));
+    let text = serde_json::to_string_pretty(x).map_err(|e| e.to_string())?;
     std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok((file, x))
+    Ok(file)
 }
 
 fn draw_table(watched: &[Watched], recent: &[String]) {

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backdoor_agent::{Client, ErrorCode, Role};
 use bdvmm_tests::shop::{
     assert_three_consistent_sessions, bdctl, bdctl_bin, extract, shop, Watch, T,
 };
@@ -49,6 +50,44 @@ fn a_hang_is_detected_within_the_deadline_plus_two_intervals() {
         Some(3),
         "--exit-on-hang exits 3"
     );
+}
+
+#[test]
+fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free() {
+    let s = shop(&[]);
+    let out = s.dir.path().join("extracted");
+    let w = Watch::start(
+        &s.target(),
+        &s.keys,
+        &[
+            "--interval-ms",
+            "50",
+            "--extract-on-hang",
+            out.to_str().unwrap(),
+        ],
+    );
+    w.verdict("healthy", T);
+    // The watch holds one of the agent's 64 slots; a repair connection to
+    // trigger the hang and 62 idle monitors take all the others.
+    let connect = |role, key: &[u8]| Client::connect(s.addr.as_str(), "shop1", role, key, T);
+    let mut control = connect(Role::Repair, &keys::REPAIR).unwrap();
+    let id = control.descriptor().hook("control").unwrap().id;
+    let fillers: Vec<Client> = (0..62)
+        .map(|_| connect(Role::Read, &keys::READ).unwrap())
+        .collect();
+    let busy = connect(Role::Read, &keys::READ).unwrap_err();
+    assert_eq!(busy.code(), Some(ErrorCode::Busy), "{busy}");
+    control.write(id, 0, &1u64.to_le_bytes()).unwrap();
+    let (_, e) = w.wait("extracted", T, |e| {
+        e["event"] == "extracted" || e["event"] == "action_failed"
+    });
+    assert_eq!(e["event"], "extracted", "{e}");
+    assert_eq!(e["attempts"], 1, "not over the held connection: {e}");
+    let x: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(e["file"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_three_consistent_sessions(&x);
+    drop(fillers);
 }
 
 #[test]
