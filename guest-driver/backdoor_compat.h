@@ -12,6 +12,11 @@
 #include <linux/timer.h>
 #include <linux/version.h>
 
+/* 6.9 moved vmcoreinfo (paddr_vmcoreinfo_note, ...) out of crash_core.h. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+#include <linux/vmcore_info.h>
+#endif
+
 /* 6.2 renamed del_timer_sync(); later kernels dropped the old name. */
 static inline void bd_timer_delete_sync(struct timer_list *t)
 {

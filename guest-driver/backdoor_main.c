@@ -270,6 +270,12 @@ static int bd_setup_boxes(void)
 	if (n < 0 || bd_cpool_init(&bd_drv.cpool, bd_drv.cpages, pbox_pages,
 				   PAGE_SIZE))
 		goto layout;
+	/*
+	 * Pages 1 and up go whole to applications, which could write any
+	 * level into their counters: only page 0's slots may claim OS.
+	 */
+	((struct bd_pbox_header *)bd_drv.pbox)->kernel_slots =
+		PAGE_SIZE / BD_COUNTER_SIZE - 1;
 	/* A page-sized header puts every slot on a page of its own. */
 	n = bd_sbox_init_at(bd_drv.sbox, bd_drv.sbox_len, PAGE_SIZE, PAGE_SIZE);
 	if (n != (int)sbox_slots)

@@ -121,7 +121,12 @@ struct bd_pbox_header {
 	bd_u16 header_size;		/* BD_PBOX_HEADER_SIZE */
 	bd_u32 capacity;		/* counter slots after the header */
 	bd_u32 counter_size;		/* BD_COUNTER_SIZE */
-	bd_u8 reserved[48];
+	/*
+	 * Slots 0..kernel_slots-1 live in memory only the kernel writes;
+	 * only they may claim BD_LEVEL_OS.  0: the whole box is the kernel's.
+	 */
+	bd_u32 kernel_slots;
+	bd_u8 reserved[44];
 };
 
 /*
@@ -214,7 +219,8 @@ BD_ABI_OFFSET_CHECK(bd_pbox_header, version, 4);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, header_size, 6);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, capacity, 8);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, counter_size, 12);
-BD_ABI_OFFSET_CHECK(bd_pbox_header, reserved, 16);
+BD_ABI_OFFSET_CHECK(bd_pbox_header, kernel_slots, 16);
+BD_ABI_OFFSET_CHECK(bd_pbox_header, reserved, 20);
 
 _Static_assert(sizeof(struct bd_counter) == BD_COUNTER_SIZE,
 	       "bd_counter is 64 bytes");

@@ -18,6 +18,12 @@ use serde::Serialize;
 pub struct CounterObs {
     /// Progress-box hook name.
     pub hook: String,
+    /// Its slot in the box (0-based): where it lives, which the guest
+    /// cannot fake (its `id` it can).
+    pub slot: u32,
+    /// Whether it claimed the OS level from memory applications write
+    /// (its level is then APPLICATION here).
+    pub claimed_os: bool,
     /// The counter.
     pub counter: Counter,
 }
@@ -84,6 +90,15 @@ pub enum Verdict {
         stalled_ms: u64,
         /// Its deadline.
         deadline_ms: u32,
+        /// Where the counter lives: its progress box and slot.
+        hook: String,
+        /// Its slot in that box.
+        slot: u32,
+        /// Its owner as the guest wrote it (a pid, a session number).
+        owner: u32,
+        /// Whether it claimed the OS level it was not believed.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        claimed_os: bool,
     },
     /// The backdoor itself could not be read.
     Unreachable {
@@ -110,15 +125,17 @@ impl Verdict {
             (
                 Self::Hung {
                     level: a,
-                    counter: c,
+                    hook: h1,
+                    slot: s1,
                     ..
                 },
                 Self::Hung {
                     level: b,
-                    counter: d,
+                    hook: h2,
+                    slot: s2,
                     ..
                 },
-            ) => a == b && c == d,
+            ) => a == b && h1 == h2 && s1 == s2,
             (Self::Unreachable { .. }, Self::Unreachable { .. }) => true,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
@@ -165,6 +182,8 @@ struct Track {
 pub struct Judge {
     generation: Option<u32>,
     tamper: Option<u32>,
+    /// Stall tracks by (progress box, slot): where a counter lives, not
+    /// the id the guest wrote (two counters with one id stay apart).
     tracks: HashMap<(String, u32), Track>,
     verdict: Option<Verdict>,
     /// Set after an unreachable spell: stall clocks restart, since nothing
@@ -228,10 +247,10 @@ impl Judge {
 
     fn judge(&mut self, now: Instant, obs: &Observation) -> Verdict {
         let restart = std::mem::take(&mut self.restart_clocks);
-        let mut worst: Option<(HangLevel, String, u64, u32)> = None;
+        let mut worst: Option<(HangLevel, u64, &CounterObs)> = None;
         let mut any_active = false;
         for c in &obs.counters {
-            let key = (c.hook.clone(), c.counter.id);
+            let key = (c.hook.clone(), c.slot);
             let state = c.counter.state;
             let t = self.tracks.entry(key).or_insert(Track {
                 value: c.counter.value,
@@ -258,18 +277,22 @@ impl Judge {
                     u64::try_from(stalled.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
                 if worst
                     .as_ref()
-                    .is_none_or(|w| level < w.0 || (level == w.0 && stalled_ms > w.2))
+                    .is_none_or(|w| level < w.0 || (level == w.0 && stalled_ms > w.1))
                 {
-                    worst = Some((level, c.name(), stalled_ms, c.counter.deadline_ms));
+                    worst = Some((level, stalled_ms, c));
                 }
             }
         }
         match worst {
-            Some((level, counter, stalled_ms, deadline_ms)) => Verdict::Hung {
+            Some((level, stalled_ms, c)) => Verdict::Hung {
                 level,
-                counter,
+                counter: c.name(),
                 stalled_ms,
-                deadline_ms,
+                deadline_ms: c.counter.deadline_ms,
+                hook: c.hook.clone(),
+                slot: c.slot,
+                owner: c.counter.owner,
+                claimed_os: c.claimed_os,
             },
             None if any_active => Verdict::Healthy,
             None => Verdict::Idle,
@@ -293,6 +316,8 @@ mod tests {
     ) -> CounterObs {
         CounterObs {
             hook: "progress".into(),
+            slot: id.saturating_sub(1),
+            claimed_os: false,
             counter: Counter {
                 value,
                 id,
@@ -357,7 +382,11 @@ mod tests {
                 level: HangLevel::Os,
                 counter: "kernel".into(),
                 stalled_ms: 110,
-                deadline_ms: 100
+                deadline_ms: 100,
+                hook: "progress".into(),
+                slot: 0,
+                owner: 0,
+                claimed_os: false,
             })
         );
         assert!(
@@ -425,6 +454,28 @@ mod tests {
         let ev = j.observe(t0 + Duration::from_millis(60), Ok(&obs(1, 0, cs)));
         assert!(
             matches!(verdict_of(&ev), Some(Verdict::Hung { level: HangLevel::Os, counter, .. }) if counter == "kernel")
+        );
+    }
+
+    #[test]
+    fn two_counters_with_one_id_are_judged_apart_by_where_they_live() {
+        let t0 = Instant::now();
+        let mut j = Judge::new();
+        // Slot 5 copies slot 1's id and keeps moving; slot 1 stops.
+        let at = |v: u64, w: u64| {
+            let mut a = counter(2, "worker", v, CounterState::Active, Level::Application, 50);
+            let mut b = counter(2, "decoy", w, CounterState::Active, Level::Application, 50);
+            (a.slot, b.slot) = (1, 5);
+            a.counter.owner = 77;
+            b.counter.owner = 99;
+            vec![a, b]
+        };
+        j.observe(t0, Ok(&obs(1, 0, at(1, 1))));
+        j.observe(t0 + Duration::from_millis(40), Ok(&obs(1, 0, at(1, 2))));
+        let ev = j.observe(t0 + Duration::from_millis(80), Ok(&obs(1, 0, at(1, 3))));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::Hung { counter, slot: 1, owner: 77, .. }) if counter == "worker"),
+            "{ev:?}"
         );
     }
 

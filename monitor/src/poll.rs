@@ -1,7 +1,7 @@
 //! One poll of a target: the descriptor (generation, tamper count) and
 //! every progress box's counters, in two round trips.
 
-use backdoor_abi::{Counter, CounterState, PboxHeader, LINE, LINE_LEN, PBOX_MAGIC};
+use backdoor_abi::{Counter, CounterState, Level, PboxHeader, LINE, LINE_LEN, PBOX_MAGIC};
 use backdoor_agent::{Client, ClientError};
 
 use crate::judge::{CounterObs, Observation};
@@ -38,14 +38,24 @@ pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError>
             .unwrap_or(u32::MAX)
             .min(backdoor_agent::wire::MAX_READ);
         let bytes = client.read(h.id, LINE as u64, len)?;
-        for chunk in bytes.chunks_exact(LINE) {
-            let c = Counter::from_bytes(chunk.try_into().expect("64-byte chunk"));
-            if c.id != 0 && c.state() != Some(CounterState::Free) {
-                counters.push(CounterObs {
-                    hook: h.name.clone(),
-                    counter: c,
-                });
+        for (slot, chunk) in (0u32..).zip(bytes.chunks_exact(LINE)) {
+            let mut c = Counter::from_bytes(chunk.try_into().expect("64-byte chunk"));
+            if c.id == 0 || c.state() == Some(CounterState::Free) {
+                continue;
             }
+            // An application writes its counter's level itself: OS is
+            // believed only of slots in kernel-only memory (docs/abi.md).
+            let claimed_os =
+                c.level() == Some(Level::Os) && hdr.kernel_slots != 0 && slot >= hdr.kernel_slots;
+            if claimed_os {
+                c.level = Level::Application as u8;
+            }
+            counters.push(CounterObs {
+                hook: h.name.clone(),
+                slot,
+                claimed_os,
+                counter: c,
+            });
         }
     }
     Ok(Observation {

@@ -454,7 +454,12 @@ fn draw_table(watched: &[Watched], recent: &[String]) {
                 counter,
                 stalled_ms,
                 deadline_ms,
-            }) => format!("{level:?} counter {counter} stalled {stalled_ms} ms > {deadline_ms} ms"),
+                hook,
+                slot,
+                ..
+            }) => format!(
+                "{level:?} counter {counter} ({hook} slot {slot}) stalled {stalled_ms} ms > {deadline_ms} ms"
+            ),
             Some(Verdict::Unreachable { reason }) => reason.clone(),
             _ => w
                 .last

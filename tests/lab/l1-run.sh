@@ -11,13 +11,16 @@
 #   @@LAB ready kvm=<yes|no> rdma=<device|none: why>
 #   @@LAB start NAME
 #   @@LAB out NAME TEXT         one line of the entry's output
+#   @@LAB retry NAME RC SECONDS its first try failed; it runs once more
 #   @@LAB end NAME RC SECONDS   its exit status (124: timed out)
 #   @@LAB done
 #   @@LAB fatal TEXT            set-up failed; nothing ran
 #
 # RUN_DIR/env: shell assignments (exported) from lab.sh.
-# RUN_DIR/plan: one entry per line, tab-separated: NAME TIMEOUT_S CWD COMMAND.
-# Each entry's output is also kept in RUN_DIR/logs/NAME.log.
+# RUN_DIR/plan: one entry per line, tab-separated: NAME TIMEOUT_S TRIES CWD
+# COMMAND (TRIES 2: a failed first try is run once more).
+# Each entry's output is also kept in RUN_DIR/logs/NAME.log (a failed
+# first try's in NAME.first.log).
 
 set -u
 RUN=$1
@@ -89,10 +92,10 @@ say "ready kvm=$kvm rdma=$rdma"
 # A sign of life (and of load) every minute, for a run that seems stuck.
 while sleep 60; do say "alive load $(cut -d' ' -f1-3 /proc/loadavg)"; done &
 
-while IFS=$'\t' read -r name timeout_s cwd command; do
-	[ -n "$name" ] || continue
-	say "start $name"
-	log=$RUN/logs/$name.log
+# Runs one entry; sets rc and secs.
+run_entry() {
+	local name=$1 timeout_s=$2 cwd=$3 command=$4 log=$RUN/logs/$1.log start end
+
 	: >"$log"
 	start=$(date +%s.%N)
 	(cd "$cwd" && exec timeout -k 10 "$timeout_s" bash -c "$command") </dev/null 2>&1 |
@@ -110,7 +113,19 @@ while IFS=$'\t' read -r name timeout_s cwd command; do
 				printf '@@LAB out %s %s\n' "$name" "$line"
 			done
 	fi
-	say "end $name $rc $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')"
+	secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+}
+
+while IFS=$'\t' read -r name timeout_s tries cwd command; do
+	[ -n "$name" ] || continue
+	say "start $name"
+	run_entry "$name" "$timeout_s" "$cwd" "$command"
+	if [ "$rc" != 0 ] && [ "$tries" -gt 1 ]; then
+		mv "$RUN/logs/$name.log" "$RUN/logs/$name.first.log"
+		say "retry $name $rc $secs"
+		run_entry "$name" "$timeout_s" "$cwd" "$command"
+	fi
+	say "end $name $rc $secs"
 done <"$RUN/plan"
 say done
 power_off

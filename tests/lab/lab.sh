@@ -208,7 +208,7 @@ for line in sys.stdin:
 # Writes $RUN/plan from the entries (all, or only those the host lacks
 # NEEDS for) matching ONLY; sets PLAN_TIMEOUT.
 write_plan() {
-	local which=$1 only=$2 repeat=$3 pkg bin test needs timeout exe dir name t k
+	local which=$1 only=$2 repeat=$3 pkg bin test needs timeout exe dir name t k tries
 	local -a tests
 
 	: >"$RUN/plan"
@@ -231,11 +231,16 @@ write_plan() {
 		for t in "${tests[@]}"; do
 			name=$bin::$t
 			[[ -z $only || $name =~ $only ]] || continue
+			# A test that boots Linux as an L2 guest gets a second try:
+			# the emulator's nested SVM fails such a boot now and then
+			# (docs/LAB.md); the first try's output is shown either way.
+			tries=1
+			[[ $needs == hw ]] && tries=2
 			for ((k = 1; k <= repeat; k++)); do
 				((repeat == 1)) || name=$bin::$t#$k
-				printf '%s\t%s\t%s\t%s\n' "$name" "$timeout" "$dir" \
+				printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$timeout" "$tries" "$dir" \
 					"$exe --exact $t --nocapture --test-threads=1" >>"$RUN/plan"
-				PLAN_TIMEOUT=$((PLAN_TIMEOUT + timeout))
+				PLAN_TIMEOUT=$((PLAN_TIMEOUT + tries * timeout))
 			done
 		done
 	done < <(entries)
@@ -286,8 +291,9 @@ write_env() {
 # interrupted twice, it fails. At most four L1 boots per run.
 boot_l1() {
 	local verbose=$1 stream=$2 timeout_s=$3 name ok=0 failed=0 boots=0 start=$SECONDS
+	local on_second_try=0
 	local -a failures=()
-	local -A finished=() retried=()
+	local -A finished=() retried=() second_try=()
 
 	cp "$RUN/plan" "$RUN/plan.all"
 	while :; do
@@ -322,7 +328,7 @@ boot_l1() {
 			fi
 		fi
 	done
-	log "lab: $ok passed, $failed failed, in $((SECONDS - start)) s ($boots L1 boot$( ((boots == 1)) || echo s))"
+	log "lab: $ok passed$( ((on_second_try == 0)) || echo " ($on_second_try on a second try)"), $failed failed, in $((SECONDS - start)) s ($boots L1 boot$( ((boots == 1)) || echo s))"
 	((${#failures[@]} == 0)) || log "failed: ${failures[*]}"
 	((failed == 0))
 }
@@ -365,13 +371,27 @@ one_boot() {
 		out\ *)
 			((verbose || stream)) && printf '%s\n' "${line#out "$L1_CURRENT" }"
 			;;
+		retry\ *)
+			read -r _ name rc secs <<<"$line"
+			second_try[$name]=1
+			printf '%s: RETRY %-99s %7s s (exit status %s; its output: logs/%s.first.log)\n' \
+				"$PROG" "$name" "$secs" "$rc" "$name"
+			if ((!verbose && !stream)); then
+				sed "s/^/    | /" "$RUN/logs/$name.first.log" | tail -n 150
+			fi
+			;;
 		end\ *)
 			read -r _ name rc secs <<<"$line"
 			log=$RUN/logs/$name.log
 			finished[$name]=1
 			if entry_passed "$name" "$rc" "$log" "$stream"; then
 				ok=$((ok + 1))
-				printf '%s: PASS %-100s %7s s\n' "$PROG" "$name" "$secs"
+				if [[ -n ${second_try[$name]:-} ]]; then
+					on_second_try=$((on_second_try + 1))
+					printf '%s: PASS %-100s %7s s (second try)\n' "$PROG" "$name" "$secs"
+				else
+					printf '%s: PASS %-100s %7s s\n' "$PROG" "$name" "$secs"
+				fi
 			else
 				failed=$((failed + 1))
 				failures+=("$name")
@@ -479,7 +499,7 @@ main() {
 	build_l1_initrd
 	build_binaries
 	if ((stream)); then
-		printf '%s\t%s\t%s\t%s\n' "$name" "$timeout_s" "$ROOT" "$(printf '%q ' "$@")" >"$RUN/plan"
+		printf '%s\t%s\t1\t%s\t%s\n' "$name" "$timeout_s" "$ROOT" "$(printf '%q ' "$@")" >"$RUN/plan"
 		PLAN_TIMEOUT=$timeout_s
 	else
 		write_plan "$which" "$only" "$repeat"

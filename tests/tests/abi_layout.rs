@@ -35,6 +35,7 @@ fn expectations() -> Vec<(&'static str, u64)> {
         off!("bd_pbox_header", PboxHeader, "header_size", header_size),
         off!("bd_pbox_header", PboxHeader, "capacity", capacity),
         off!("bd_pbox_header", PboxHeader, "counter_size", counter_size),
+        off!("bd_pbox_header", PboxHeader, "kernel_slots", kernel_slots),
         ("sizeof(struct bd_counter)", size_of::<Counter>() as u64),
         off!("bd_counter", Counter, "value", value),
         off!("bd_counter", Counter, "id", id),

@@ -315,8 +315,12 @@ pub struct PboxHeader {
     pub capacity: u32,
     /// 64.
     pub counter_size: u32,
+    /// Counter slots `0..kernel_slots` live in memory only the guest
+    /// kernel writes (a driver's page 0); only they may claim the OS
+    /// level. 0: the whole box is the kernel's (no application maps it).
+    pub kernel_slots: u32,
     /// Zero.
-    pub reserved: [u8; 48],
+    pub reserved: [u8; 44],
 }
 
 impl PboxHeader {
@@ -328,7 +332,8 @@ impl PboxHeader {
             header_size: u16_at(b, 6),
             capacity: u32_at(b, 8),
             counter_size: u32_at(b, 12),
-            reserved: [0; 48],
+            kernel_slots: u32_at(b, 16),
+            reserved: [0; 44],
         }
     }
 }
