@@ -587,6 +587,15 @@ pub fn write_sealed(
 /// frame from a peer not yet authenticated gets far less than
 /// [`MAX_PAYLOAD`]).
 fn read_frame(r: &mut impl Read, max: u32) -> Result<([u8; HEADER_LEN], Vec<u8>), WireError> {
+    let h = read_header(r, max)?;
+    let len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    Ok((h, payload))
+}
+
+/// Reads and checks a frame header whose payload may be at most `max`.
+fn read_header(r: &mut impl Read, max: u32) -> Result<[u8; HEADER_LEN], WireError> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h)?;
     let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
@@ -603,9 +612,7 @@ fn read_frame(r: &mut impl Read, max: u32) -> Result<([u8; HEADER_LEN], Vec<u8>)
     if len > max {
         return Err(WireError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
-    Ok((h, payload))
+    Ok(h)
 }
 
 fn decode_frame(h: &[u8; HEADER_LEN], payload: Vec<u8>) -> Result<(u32, Msg), WireError> {
@@ -628,14 +635,26 @@ pub fn read_msg_bounded(r: &mut impl Read, max: u32) -> Result<(u32, Msg), WireE
 /// decoding anything: a frame that was altered, replayed, reordered or
 /// dropped on the way fails with [`WireError::Integrity`].
 pub fn read_sealed(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
-    let (h, payload) = read_frame(r, MAX_PAYLOAD)?;
+    let h = read_header(r, MAX_PAYLOAD)?;
+    let len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
+    // Hashed as it arrives, a chunk at a time while it is in cache.
+    let mut m = key.hasher(&h);
+    let mut payload = vec![0u8; len];
+    for chunk in payload.chunks_mut(TAG_CHUNK) {
+        r.read_exact(chunk)?;
+        m.update(chunk);
+    }
     let mut tag = [0u8; TAG_LEN];
     r.read_exact(&mut tag)?;
-    if !key.verify(&h, &payload, &tag) {
+    // blake3::Hash compares in constant time.
+    if m.finalize() != blake3::Hash::from_bytes(tag) {
         return Err(WireError::Integrity);
     }
     decode_frame(&h, payload)
 }
+
+/// How much of a payload is read and hashed at a time.
+const TAG_CHUNK: usize = 64 << 10;
 
 /// Reads the agent's answer to AUTH: WELCOME, the first tagged frame, or
 /// a refusal, which comes untagged (the agent derives no keys for a
@@ -686,12 +705,19 @@ impl FrameKey {
     /// and payload (keyed BLAKE3 is a MAC, and several times faster than
     /// HMAC-SHA256 on bulk replies).
     fn tag(&mut self, h: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
+        let mut m = self.hasher(h);
+        m.update(payload);
+        *m.finalize().as_bytes()
+    }
+
+    /// A MAC over the next frame's sequence number and `h`, for its
+    /// payload to follow (and moves on to the next sequence number).
+    fn hasher(&mut self, h: &[u8; HEADER_LEN]) -> blake3::Hasher {
         let mut m = blake3::Hasher::new_keyed(&self.key);
         m.update(&self.seq.to_le_bytes());
         m.update(h);
-        m.update(payload);
         self.seq += 1;
-        *m.finalize().as_bytes()
+        m
     }
 
     fn verify(&mut self, h: &[u8; HEADER_LEN], payload: &[u8], tag: &[u8; TAG_LEN]) -> bool {

@@ -75,7 +75,8 @@ fn start(agent: Agent) -> SocketAddr {
     addr
 }
 
-fn agent(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration>) -> Agent {
+/// The agent of a fake guest (generation 1, sealed) over `hooks` of `mem`.
+pub fn agent(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration>) -> Agent {
     let desc = Descriptor {
         generation: 1,
         sealed: true,
