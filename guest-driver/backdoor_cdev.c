@@ -12,6 +12,8 @@
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/capability.h>
+#include <linux/cred.h>
 #include <linux/fs.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
@@ -341,6 +343,14 @@ static long bd_ioc_svc_open(struct bd_file *bf, void __user *argp)
 	}
 	a = bd_area_find(req.service);
 	if (a) {
+		/*
+		 * A service's sessions are its creator's: another user's
+		 * process may not take them over by naming the service first.
+		 */
+		if (!uid_eq(a->owner, current_fsuid()) && !capable(CAP_SYS_ADMIN)) {
+			ret = -EACCES;
+			goto out;
+		}
 		if (a->holder) {
 			ret = -EBUSY;
 			goto out;
@@ -362,6 +372,7 @@ static long bd_ioc_svc_open(struct bd_file *bf, void __user *argp)
 		a = fresh;
 		fresh = NULL;
 		memcpy(a->name, req.service, BD_SERVICE_LEN);
+		a->owner = current_fsuid();
 		a->first = first;
 		a->count = req.slots;
 		list_add_tail(&a->node, &bd_drv.areas);

@@ -11,6 +11,7 @@
 #include <linux/list.h>
 #include <linux/mutex.h>
 #include <linux/types.h>
+#include <linux/uidgid.h>
 
 #include "backdoor_guest.h"
 #include "backdoor_pool.h"
@@ -34,6 +35,7 @@ struct bd_area {
 	u32 first;			/* first state-box slot */
 	u32 count;			/* slots */
 	struct bd_file *holder;		/* the open file holding it, or NULL */
+	kuid_t owner;			/* its creator's fsuid: who may reopen it */
 };
 
 /* Per open file of /dev/backdoor. */

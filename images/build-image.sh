@@ -310,13 +310,24 @@ build_bdkv() {
 	! has_interp "$BDKV" || die "$BDKV is dynamically linked (crt-static did not apply)"
 }
 
+# build_as_user: sets AS_USER to the static helper that runs a command as
+# another user (initramfs/as_user.c).
+build_as_user() {
+	AS_USER=$HERE/build/as-user
+	need_tools gcc gcc
+	mkdir -p "$HERE/build"
+	gcc -static -O2 -Wall -Wextra -Werror -o "$AS_USER.tmp" "$HERE/initramfs/as_user.c" ||
+		die "building initramfs/as_user.c failed"
+	mv "$AS_USER.tmp" "$AS_USER"
+}
+
 # build_initrd CACHE: sets INITRD to the cached initramfs.
 build_initrd() {
 	local cache=$1 init=$HERE/initramfs/bdimg-init.sh mkcpio=$HERE/tools/mkcpio.py hash applet
 	local -a args
 
 	need_tools python3 python3
-	hash=$(hash_files "$init" "$mkcpio" "$BUSYBOX" "$MODULE" "$BDKV")
+	hash=$(hash_files "$init" "$mkcpio" "$BUSYBOX" "$MODULE" "$BDKV" "$AS_USER")
 	INITRD=$cache/initrd-$hash.cpio.gz
 	if [[ -f $INITRD ]]; then
 		log "using cached initramfs ($hash)"
@@ -324,7 +335,7 @@ build_initrd() {
 		return 0
 	fi
 	args=(--init "$init" --out "$INITRD" --gzip
-		--file "bin/busybox=$BUSYBOX" --file "bin/bdkv=$BDKV"
+		--file "bin/busybox=$BUSYBOX" --file "bin/bdkv=$BDKV" --file "bin/as-user=$AS_USER"
 		--file "lib/modules/backdoor.ko=$MODULE" --dir tmp --dir run)
 	# One link per applet, where busybox itself would install it.
 	while read -r applet; do
@@ -423,6 +434,7 @@ main() {
 	fetch_busybox "$cache"
 	build_module "$cache"
 	build_bdkv
+	build_as_user
 	build_initrd "$cache"
 	prune_cache "$cache"
 

@@ -182,6 +182,7 @@ impl Backing {
                 // SAFETY: `req` is a valid BdIocSvc the driver reads and fills.
                 unsafe { ioctl::svc_open(file.as_raw_fd(), req) }.map_err(|e| match e {
                     nix::Error::EBUSY => Error::Busy(name.to_owned()),
+                    nix::Error::EACCES => Error::NotOwner(name.to_owned()),
                     nix::Error::ENOENT => Error::NoService(name.to_owned()),
                     nix::Error::ENOSPC => {
                         Error::NoSpace(format!("no {} free state-box slots", req.slots))

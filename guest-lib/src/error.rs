@@ -40,6 +40,9 @@ pub enum Error {
     /// Another open file holds the service (another instance runs).
     #[error("service {0:?} is held by another open file: is another instance running?")]
     Busy(String),
+    /// The service's area was created by another user (EACCES).
+    #[error("service {0:?} belongs to another user: only its creator may open it")]
+    NotOwner(String),
     /// No free counter or slots.
     #[error("no room: {0}")]
     NoSpace(String),

@@ -108,6 +108,7 @@ serve_commands() {
 			kill -KILL "$pid" || fail "kill -KILL bdkv ($pid)"
 			while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
 			say "bdkv $pid killed"
+			steal_as_another_user
 			start_bdkv
 			bdkv check --addr "127.0.0.1:$PORT" --expect /tmp/sessions.txt >/tmp/check.out 2>/tmp/check.err ||
 				fail "bdkv restarted, but its sessions did not resume: $(cat /tmp/check.err)"
@@ -130,6 +131,21 @@ serve_commands() {
 		esac
 	done
 	say "console closed"
+}
+
+# While bdkv's area is held by nobody, a process of another user (even
+# with /dev/backdoor open to all) must not get it: the driver gives an
+# area back only to the user who created it.
+steal_as_another_user() {
+	chmod 0666 /dev/backdoor
+	timeout 10 as-user 1000 bdkv serve --listen "127.0.0.1:$((PORT + 1))" >/tmp/thief.out 2>&1
+	rc=$?
+	chmod 0600 /dev/backdoor
+	case $rc in
+	124 | 143) fail "another user's bdkv took bdkv's area (it ran until the timeout)" ;;
+	0) fail "another user's bdkv exited 0" ;;
+	esac
+	say "another user's bdkv was refused bdkv's area: $(grep -v '^$' /tmp/thief.out | tail -n 1)"
 }
 
 hang_kernel() {

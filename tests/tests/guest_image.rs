@@ -535,6 +535,10 @@ fn guest_image_hang_is_detected_extracted_and_resumed() {
     // bdkv is killed inside the guest; started again, it finds its service
     // area in the driver and resumes every session from it.
     p.vm.send_console("crash-bdkv\n");
+    // While no bdkv holds its area, another user's bdkv (the device open
+    // to all) asks for it first: refused, for being another user.
+    let thief = p.vm.wait_line("BDIMG: another user's bdkv was refused bdkv's area", T);
+    assert!(thief.contains("belongs to another user"), "{thief}");
     let restarted = p.vm.wait_line("BDIMG: bdkv restarted as ", T);
     assert!(
         restarted.contains(&format!("all {} sessions resumed", p.sessions.len())),
