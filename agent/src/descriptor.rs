@@ -2,7 +2,7 @@
 //! public descriptor (no guest addresses), and where the agent gets the
 //! hook table from (the VMM's live table, or the last one a VMM pushed).
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use backdoor_dev::{BackdoorShared, Descriptor};
@@ -85,16 +85,33 @@ impl PublicDescriptor {
 
 /// Where the agent reads the current hook table.
 pub trait DescriptorSource: Send + Sync {
-    /// The current table.
-    fn descriptor(&self) -> Descriptor;
+    /// The current table (shared: every request reads it, none copies it).
+    fn descriptor(&self) -> Arc<Descriptor>;
+    /// The tamper count now (it can be newer than the table's).
+    fn tamper_count(&self) -> u32 {
+        self.descriptor().tamper_count
+    }
     /// Whether the VMM that owns the guest is still there.
     fn vmm_alive(&self) -> bool;
+    /// Waits up to `timeout` for a table other than `seen`; returns the
+    /// current one (what revokes a rebooted guest's RDMA regions at once).
+    fn wait_change(&self, seen: &Arc<Descriptor>, timeout: Duration) -> Arc<Descriptor> {
+        let _ = seen;
+        std::thread::sleep(timeout);
+        self.descriptor()
+    }
 }
 
-/// In-process agent: the VMM's live table.
+/// In-process agent: the VMM's live table, read without the device's lock.
 impl DescriptorSource for BackdoorShared {
-    fn descriptor(&self) -> Descriptor {
-        self.snapshot()
+    fn descriptor(&self) -> Arc<Descriptor> {
+        self.published()
+    }
+    fn wait_change(&self, seen: &Arc<Descriptor>, timeout: Duration) -> Arc<Descriptor> {
+        self.wait_published(seen, timeout)
+    }
+    fn tamper_count(&self) -> u32 {
+        BackdoorShared::tamper_count(self)
     }
     fn vmm_alive(&self) -> bool {
         true
@@ -104,7 +121,7 @@ impl DescriptorSource for BackdoorShared {
 /// Separate agent: the last table the VMM pushed, kept after it dies.
 #[derive(Debug)]
 pub struct PushedDescriptor {
-    state: Mutex<(Descriptor, bool)>,
+    state: Mutex<(Arc<Descriptor>, bool)>,
     changed: Condvar,
 }
 
@@ -112,7 +129,7 @@ impl PushedDescriptor {
     /// Starts with `d`, VMM connected.
     pub fn new(d: Descriptor) -> Self {
         Self {
-            state: Mutex::new((d, true)),
+            state: Mutex::new((Arc::new(d), true)),
             changed: Condvar::new(),
         }
     }
@@ -120,7 +137,7 @@ impl PushedDescriptor {
     /// A newer table from the VMM.
     pub fn update(&self, d: Descriptor) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 = d;
+        s.0 = Arc::new(d);
         self.changed.notify_all();
     }
 
@@ -143,7 +160,7 @@ impl PushedDescriptor {
 }
 
 impl DescriptorSource for PushedDescriptor {
-    fn descriptor(&self) -> Descriptor {
+    fn descriptor(&self) -> Arc<Descriptor> {
         self.state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -152,6 +169,14 @@ impl DescriptorSource for PushedDescriptor {
     }
     fn vmm_alive(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+    fn wait_change(&self, seen: &Arc<Descriptor>, timeout: Duration) -> Arc<Descriptor> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| Arc::ptr_eq(&s.0, seen))
+            .unwrap_or_else(|p| p.into_inner());
+        s.0.clone()
     }
 }
 

@@ -36,15 +36,20 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 
 /// The RDMA side of the agent, when a device exists (see `verbs.rs`).
 pub trait VerbsService: Send + Sync {
-    /// Sets up an RC queue pair for an authenticated monitor and returns
-    /// the agent's endpoint and the monitor's regions, as JSON.
+    /// Sets up an RC queue pair and MRs of its own for an authenticated
+    /// monitor; returns the agent's endpoint and the monitor's regions, as
+    /// JSON, and the lease that keeps them (dropped with the connection).
     fn connect(
         &self,
         role: Role,
         desc: &backdoor_dev::Descriptor,
         client_endpoint: &[u8],
-    ) -> Result<Vec<u8>, Refusal>;
+    ) -> Result<(Vec<u8>, VerbsLease), Refusal>;
 }
+
+/// What keeps a monitor's RDMA resources alive: held by its connection,
+/// dropped (queue pair destroyed, MRs deregistered) when it ends.
+pub type VerbsLease = Box<dyn std::any::Any + Send>;
 
 /// Everything a connection needs.
 pub struct Agent {
@@ -188,6 +193,8 @@ impl Agent {
         )?;
         w.flush()?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        // This connection's RDMA queue pair and MRs: gone when it ends.
+        let mut lease: Option<VerbsLease> = None;
         loop {
             if r.buffer().is_empty() {
                 spin_until_readable(fd, self.busy_poll);
@@ -225,10 +232,12 @@ impl Agent {
                 }
                 Err(e) => return Err(e),
             };
-            let reply = self.dispatch(role, msg).unwrap_or_else(|(code, message)| {
-                tracing::debug!(%peer, role = role.name(), ?code, "agent: refused: {message}");
-                error(code, message)
-            });
+            let reply = self.dispatch_holding(role, msg, &mut lease).unwrap_or_else(
+                |(code, message)| {
+                    tracing::debug!(%peer, role = role.name(), ?code, "agent: refused: {message}");
+                    error(code, message)
+                },
+            );
             write_sealed(&mut w, id, &reply, &mut send_key)?;
             w.flush()?;
         }
@@ -237,16 +246,19 @@ impl Agent {
     /// The hooks `role` sees: the guest's, and for the forensic role also
     /// the VMM's read-only view of each RAM range (`ram@<guest address>`),
     /// which no guest can register, see or change.
-    fn view(&self, role: Role) -> Descriptor {
-        let mut d = self.source.descriptor();
-        if role == Role::Forensic {
-            d.hooks.extend(forensic_hooks(self.mem.ranges()));
+    fn view(&self, role: Role) -> Arc<Descriptor> {
+        let d = self.source.descriptor();
+        if role != Role::Forensic {
+            return d;
         }
-        d
+        let mut d = Descriptor::clone(&d);
+        d.hooks.extend(forensic_hooks(self.mem.ranges()));
+        Arc::new(d)
     }
 
     fn public_descriptor(&self, role: Role) -> Vec<u8> {
-        let d = self.view(role);
+        let mut d = Descriptor::clone(&self.view(role));
+        d.tamper_count = self.source.tamper_count();
         let public =
             PublicDescriptor::new(&self.vm, &d, role, self.backends(), self.source.vmm_alive());
         serde_json::to_vec(&public).unwrap_or_default()
@@ -254,8 +266,20 @@ impl Agent {
 
     /// Answers one request of a monitor authenticated as `role`: the reply,
     /// or the refusal to send as ERROR. Every check of docs/wire.md runs
-    /// here; public so the fuzz targets drive it without a socket.
+    /// here; public so the fuzz targets drive it without a socket (a
+    /// VERBS_CONNECT's queue pair then lives only as long as the call).
     pub fn dispatch(&self, role: Role, msg: Msg) -> Result<Msg, Refusal> {
+        self.dispatch_holding(role, msg, &mut None)
+    }
+
+    /// As [`Agent::dispatch`]; a VERBS_CONNECT's lease goes to `lease`
+    /// (replacing the connection's previous one).
+    fn dispatch_holding(
+        &self,
+        role: Role,
+        msg: Msg,
+        lease: &mut Option<VerbsLease>,
+    ) -> Result<Msg, Refusal> {
         let internal = |what: &str| {
             (
                 ErrorCode::Internal,
@@ -365,9 +389,12 @@ impl Agent {
                 )),
             },
             Msg::VerbsConnect(endpoint) => match &self.verbs {
-                Some(v) => v
-                    .connect(role, &self.source.descriptor(), &endpoint)
-                    .map(Msg::VerbsInfo),
+                Some(v) => {
+                    *lease = None;
+                    let (info, held) = v.connect(role, &self.source.descriptor(), &endpoint)?;
+                    *lease = Some(held);
+                    Ok(Msg::VerbsInfo(info))
+                }
                 None => Err((
                     ErrorCode::Unsupported,
                     "this agent has no RDMA device; use the soft backend".into(),

@@ -21,7 +21,7 @@
 //! one-sided work requests, or expose its raw handles, so this module drives
 //! libibverbs through `ibverbs-sys` behind small owning wrappers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::ffi::{c_void, CStr};
 use std::io;
 use std::ptr::{self, NonNull};
@@ -902,30 +902,54 @@ pub fn role_perms(role: Role, kind: HookKind, perms: u32) -> u32 {
     }
 }
 
-struct HookMr {
+/// A hook as one connection's MR covers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Covered {
+    id: u32,
     gpa: u64,
     len: u64,
     perms: u32,
-    mr: Mr,
 }
 
-struct ServerQp {
+/// One monitor connection's verbs resources: its queue pair and MRs in a
+/// protection domain of its own, so its rkeys work for no other
+/// connection and none outlives the connection, its generation or its
+/// hooks. Fields drop in order: the QP goes before the MRs it could
+/// reach (each holds the PD, which goes last).
+struct ConnVerbs {
     generation: u32,
+    covered: Vec<Covered>,
     _qp: Qp,
+    _mrs: Vec<Mr>,
+}
+
+/// A connection's verbs, which the backend can revoke (set to None).
+type ConnSlot = Arc<Mutex<Option<ConnVerbs>>>;
+
+/// Keeps a connection's verbs alive: the agent holds it for as long as
+/// the monitor's TCP connection lasts, and dropping it destroys the queue
+/// pair and deregisters the MRs.
+pub struct VerbsLease(#[allow(dead_code)] ConnSlot);
+
+impl std::fmt::Debug for VerbsLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerbsLease").finish_non_exhaustive()
+    }
 }
 
 #[derive(Default)]
 struct State {
-    generation: Option<u32>,
-    mrs: HashMap<u32, HookMr>,
-    qps: VecDeque<ServerQp>,
+    /// Every connection's verbs, oldest first (entries of closed
+    /// connections are dropped as they are found).
+    conns: VecDeque<std::sync::Weak<Mutex<Option<ConnVerbs>>>>,
 }
 
-/// The agent's RDMA device: one PD and CQ, an MR per hook, a QP per monitor.
+/// The agent's RDMA device: one CQ; per monitor connection a protection
+/// domain of its own with its QP and MRs, so that no other connection's
+/// queue pair can use its rkeys, even guessed or sniffed (ReDMArk).
 pub struct VerbsBackend {
     mem: Arc<GuestMemory>,
     ctx: Arc<Ctx>,
-    pd: Arc<Pd>,
     cq: Arc<Cq>,
     state: Mutex<State>,
 }
@@ -942,13 +966,11 @@ impl VerbsBackend {
     /// Opens `device` (or the first RDMA device), with a PD and a CQ.
     pub fn open(mem: Arc<GuestMemory>, device: Option<&str>) -> Result<Self, VerbsError> {
         let ctx = open_context(device)?;
-        let pd = Pd::new(&ctx)?;
         let cq = Cq::new(&ctx, 16)?;
         tracing::info!(device = %ctx.name, lid = ctx.lid, gid = %gid_hex(&ctx.gid), "verbs backend ready");
         Ok(Self {
             mem,
             ctx,
-            pd,
             cq,
             state: Mutex::new(State::default()),
         })
@@ -961,102 +983,115 @@ impl VerbsBackend {
 
     /// How many monitor QPs are live.
     pub fn queue_pairs(&self) -> usize {
-        self.lock().qps.len()
+        let mut s = self.lock();
+        s.conns
+            .retain(|w| w.upgrade().is_some_and(|c| lock(&c).is_some()));
+        s.conns.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops every MR and QP of generations other than `desc`'s, so a
-    /// rebooted guest's old rkeys stop working. `connect` does this too;
-    /// call it when the generation changes to revoke without waiting.
+    /// Revokes every connection's QP and MRs that `desc` no longer
+    /// covers: another generation (the guest rebooted), or a hook gone or
+    /// changed. Called on every change of the table (agent_process.rs).
     pub fn refresh(&self, desc: &Descriptor) {
         let mut s = self.lock();
-        Self::retire(&mut s, desc.generation);
-    }
-
-    fn retire(s: &mut State, generation: u32) {
-        if s.generation != Some(generation) {
-            if s.generation.is_some() {
-                tracing::info!(
-                    generation,
-                    "verbs: new generation, revoking old regions and queue pairs"
-                );
+        let mut revoked = 0usize;
+        s.conns.retain(|w| {
+            let Some(c) = w.upgrade() else {
+                return false;
+            };
+            let mut c = lock(&c);
+            let stale = c.as_ref().is_some_and(|v| {
+                v.generation != desc.generation
+                    || !v.covered.iter().all(|k| {
+                        desc.hooks.iter().any(|h| {
+                            h.id == k.id && h.gpa == k.gpa && h.len == k.len && h.perms == k.perms
+                        })
+                    })
+            });
+            if stale {
+                *c = None;
+                revoked += 1;
             }
-            s.qps.retain(|q| q.generation == generation);
-            s.mrs.clear();
-            s.generation = Some(generation);
+            c.is_some()
+        });
+        if revoked > 0 {
+            tracing::info!(
+                generation = desc.generation,
+                revoked,
+                "verbs: the hook table changed; revoked queue pairs and regions it no longer covers"
+            );
         }
     }
 
-    fn regions(
+    /// Registers a fresh MR in `pd` for each hook `role` may reach.
+    fn register(
         &self,
-        s: &mut State,
+        pd: &Arc<Pd>,
         role: Role,
         desc: &Descriptor,
-    ) -> Result<Vec<Region>, Refusal> {
-        // Hooks gone from the table lose their MRs (and so their rkeys).
-        s.mrs.retain(|id, _| desc.hooks.iter().any(|h| h.id == *id));
-        let mut out = Vec::new();
+    ) -> Result<Registered, Refusal> {
+        let (mut regions, mut covered, mut mrs) = (Vec::new(), Vec::new(), Vec::new());
         for h in &desc.hooks {
             let perms = role_perms(role, h.kind, h.perms);
             if perms == 0 || h.len == 0 {
                 continue;
             }
-            let cached = s
-                .mrs
-                .get(&h.id)
-                .is_some_and(|m| m.gpa == h.gpa && m.len == h.len && m.perms == h.perms);
-            if !cached {
-                let Some(host) = self.mem.host_ptr(h.gpa, h.len) else {
-                    tracing::warn!(
-                        hook = h.id,
-                        "verbs: hook {} lies outside guest RAM; not registering it",
-                        h.name
-                    );
-                    continue;
-                };
-                let len = usize::try_from(h.len)
-                    .map_err(|_| (ErrorCode::Internal, format!("hook {} is too large", h.id)))?;
-                // SAFETY: host_ptr checked [host, host + len) lies in the guest
-                // RAM mapping, which the Guest backing keeps mapped.
-                let mr = unsafe {
-                    Mr::register(
-                        &self.pd,
-                        host,
-                        len,
-                        mr_access(h.kind, h.perms),
-                        Backing::Guest(self.mem.clone()),
-                    )
-                }
-                .map_err(|e| {
-                    (
-                        ErrorCode::Internal,
-                        format!("cannot register hook {}: {e}", h.id),
-                    )
-                })?;
-                s.mrs.insert(
-                    h.id,
-                    HookMr {
-                        gpa: h.gpa,
-                        len: h.len,
-                        perms: h.perms,
-                        mr,
-                    },
+            let Some(host) = self.mem.host_ptr(h.gpa, h.len) else {
+                tracing::warn!(
+                    hook = h.id,
+                    "verbs: hook {} lies outside guest RAM; not registering it",
+                    h.name
                 );
+                continue;
+            };
+            let len = usize::try_from(h.len)
+                .map_err(|_| (ErrorCode::Internal, format!("hook {} is too large", h.id)))?;
+            // SAFETY: host_ptr checked [host, host + len) lies in the guest
+            // RAM mapping, which the Guest backing keeps mapped.
+            let mr = unsafe {
+                Mr::register(
+                    pd,
+                    host,
+                    len,
+                    mr_access(h.kind, h.perms),
+                    Backing::Guest(self.mem.clone()),
+                )
             }
-            let m = &s.mrs[&h.id];
-            out.push(Region {
+            .map_err(|e| {
+                (
+                    ErrorCode::Internal,
+                    format!("cannot register hook {}: {e}", h.id),
+                )
+            })?;
+            regions.push(Region {
                 hook: h.id,
-                addr: m.mr.addr as u64,
-                rkey: m.mr.rkey(),
+                addr: mr.addr as u64,
+                rkey: mr.rkey(),
                 len: h.len,
                 perms,
             });
+            covered.push(Covered {
+                id: h.id,
+                gpa: h.gpa,
+                len: h.len,
+                perms: h.perms,
+            });
+            mrs.push(mr);
         }
-        Ok(out)
+        Ok((regions, covered, mrs))
     }
+}
+
+/// What [`VerbsBackend::register`] made: the regions to tell the monitor,
+/// what they cover, and the MRs.
+type Registered = (Vec<Region>, Vec<Covered>, Vec<Mr>);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl VerbsService for VerbsBackend {
@@ -1065,14 +1100,13 @@ impl VerbsService for VerbsBackend {
         role: Role,
         desc: &Descriptor,
         client_endpoint: &[u8],
-    ) -> Result<Vec<u8>, Refusal> {
+    ) -> Result<(Vec<u8>, crate::server::VerbsLease), Refusal> {
         let (remote, remote_gid) =
             parse_endpoint(client_endpoint).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
         let internal = |e: VerbsError| (ErrorCode::Internal, e.to_string());
-        let mut s = self.lock();
-        Self::retire(&mut s, desc.generation);
-        let regions = self.regions(&mut s, role, desc)?;
-        let qp = Qp::new(&self.pd, &self.cq, 1).map_err(internal)?;
+        let pd = Pd::new(&self.ctx).map_err(internal)?;
+        let (regions, covered, mrs) = self.register(&pd, role, desc)?;
+        let qp = Qp::new(&pd, &self.cq, 1).map_err(internal)?;
         let psn = random_psn();
         qp.connect(qp_access(role), psn, &remote, &remote_gid)
             .map_err(internal)?;
@@ -1085,21 +1119,30 @@ impl VerbsService for VerbsBackend {
             generation: desc.generation,
             regions,
         };
-        if s.qps.len() >= MAX_QUEUE_PAIRS {
-            tracing::info!("verbs: more than {MAX_QUEUE_PAIRS} queue pairs; destroying the oldest");
-            s.qps.pop_front();
-        }
-        s.qps.push_back(ServerQp {
+        let json = serde_json::to_vec(&info).map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        let slot: ConnSlot = Arc::new(Mutex::new(Some(ConnVerbs {
             generation: desc.generation,
+            covered,
             _qp: qp,
-        });
+            _mrs: mrs,
+        })));
+        let mut s = self.lock();
+        s.conns
+            .retain(|w| w.upgrade().is_some_and(|c| lock(&c).is_some()));
+        if s.conns.len() >= MAX_QUEUE_PAIRS {
+            tracing::info!("verbs: more than {MAX_QUEUE_PAIRS} queue pairs; revoking the oldest");
+            if let Some(c) = s.conns.pop_front().and_then(|w| w.upgrade()) {
+                *lock(&c) = None;
+            }
+        }
+        s.conns.push_back(Arc::downgrade(&slot));
         tracing::info!(
             role = role.name(),
             qpn = info.qpn,
             remote_qpn = remote.qpn,
             "verbs: monitor queue pair connected"
         );
-        serde_json::to_vec(&info).map_err(|e| (ErrorCode::Internal, e.to_string()))
+        Ok((json, Box::new(VerbsLease(slot))))
     }
 }
 

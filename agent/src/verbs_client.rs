@@ -157,6 +157,28 @@ impl VerbsClient {
         Ok(out)
     }
 
+    /// Posts one RDMA READ of `len` bytes (at most one local buffer) at
+    /// `offset` of `region` as given, another connection's address and
+    /// rkey say, without checking it is one of this connection's: for
+    /// showing that the agent's NIC refuses an rkey that is not this
+    /// connection's (the QP is broken afterwards).
+    pub fn read_foreign_region(
+        &mut self,
+        region: &Region,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, VerbsError> {
+        if self.broken {
+            return Err(VerbsError::Broken);
+        }
+        let n = len.min(LOCAL_BUFFER);
+        self.transfer(Op::Read, region, offset, n)?;
+        let mut out = vec![0u8; n];
+        // SAFETY: the READ into buf[..n] completed; nothing else writes it now.
+        unsafe { ptr::copy_nonoverlapping(self.buf.addr, out.as_mut_ptr(), n) };
+        Ok(out)
+    }
+
     /// Reads many `(hook, offset, len)` ranges: chains of up to [`CHAIN`]
     /// RDMA READs into the local buffer, only the last of each signaled.
     /// Every range is checked before anything is posted.

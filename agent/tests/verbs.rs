@@ -74,10 +74,32 @@ fn client(fx: &Fixture, role: Role) -> Client {
     common::client(fx.addr, role)
 }
 
-fn verbs_client(fx: &Fixture, role: Role) -> VerbsClient {
-    VerbsClient::connect(&mut client(fx, role), device().as_deref())
+/// A verbs connection and the TCP connection that keeps its queue pair
+/// and regions alive (the agent revokes them when it closes).
+struct Verbs {
+    qp: VerbsClient,
+    _tcp: Client,
+}
+
+impl std::ops::Deref for Verbs {
+    type Target = VerbsClient;
+    fn deref(&self) -> &VerbsClient {
+        &self.qp
+    }
+}
+
+impl std::ops::DerefMut for Verbs {
+    fn deref_mut(&mut self) -> &mut VerbsClient {
+        &mut self.qp
+    }
+}
+
+fn verbs_client(fx: &Fixture, role: Role) -> Verbs {
+    let mut tcp = client(fx, role);
+    let qp = VerbsClient::connect(&mut tcp, device().as_deref())
         .unwrap()
-        .with_timeout(TIMEOUT)
+        .with_timeout(TIMEOUT);
+    Verbs { qp, _tcp: tcp }
 }
 
 fn guest(fx: &Fixture, gpa: u64, len: usize) -> Vec<u8> {
@@ -154,6 +176,38 @@ fn rdma_read_returns_the_exact_bytes() {
         Msg::ReadOk(b) => assert_eq!(b, v.read(PROGRESS.0, 0, 64).unwrap()),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn an_rkey_is_one_connections_and_dies_with_it() {
+    require_rdma!();
+    let fx = fixture(true);
+    let mut first = verbs_client(&fx, Role::Read);
+    let old = *first.region(PROGRESS.0).unwrap();
+    // Another live connection cannot use it: its own protection domain.
+    let mut other = verbs_client(&fx, Role::Read);
+    assert_ne!(old.rkey, other.region(PROGRESS.0).unwrap().rkey);
+    let err = other.read_foreign_region(&old, 0, 16).unwrap_err();
+    assert!(err.is_remote_access_error(), "{err}");
+    assert_eq!(first.read(PROGRESS.0, 0, 16).unwrap(), pattern()[..16]);
+    // Nor can anyone once its connection has closed (the agent's thread
+    // for it sees the end of the stream, then drops the lease).
+    drop(first);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let err = loop {
+        let mut late = verbs_client(&fx, Role::Read);
+        match late.read_foreign_region(&old, 0, 16) {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "a closed connection's rkey still reads after {TIMEOUT:?}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(err.is_remote_access_error(), "{err}");
+    let mut fresh = verbs_client(&fx, Role::Read);
+    assert_eq!(fresh.read(PROGRESS.0, 0, 16).unwrap(), pattern()[..16]);
 }
 
 #[test]

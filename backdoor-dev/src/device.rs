@@ -2,7 +2,8 @@
 //! It knows nothing of the VM's lifecycle: the VMM routes 32-bit accesses
 //! here and calls [`BackdoorShared::reset`] when the guest resets.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use backdoor_abi::{
@@ -54,22 +55,57 @@ struct State {
 pub struct BackdoorShared {
     state: Mutex<State>,
     changed: Condvar,
+    /// The table as of its last change, for readers that must not take
+    /// `state` (which the vCPU's MMIO path holds): a remote READ clones
+    /// this Arc, not the table.
+    published: RwLock<Arc<Descriptor>>,
+    /// The tamper count, readable without `state` (it changes without
+    /// the table: refused commands are no table changes).
+    tamper: AtomicU32,
 }
 
 impl BackdoorShared {
     /// A fresh, unsealed table at `generation` (0 is replaced by 1).
     pub fn new(generation: u32) -> Arc<Self> {
+        let state = State {
+            generation: generation.max(1),
+            tamper: 0,
+            tamper_logged: None,
+            tamper_at_log: 0,
+            table: HookTable::default(),
+            version: 0,
+        };
         Arc::new(Self {
-            state: Mutex::new(State {
-                generation: generation.max(1),
-                tamper: 0,
-                tamper_logged: None,
-                tamper_at_log: 0,
-                table: HookTable::default(),
-                version: 0,
-            }),
+            published: RwLock::new(Arc::new(describe(&state))),
+            state: Mutex::new(state),
             changed: Condvar::new(),
+            tamper: AtomicU32::new(0),
         })
+    }
+
+    /// The table as of its last change (its tamper count may be older
+    /// than [`BackdoorShared::tamper_count`]'s).
+    pub fn published(&self) -> Arc<Descriptor> {
+        self.published
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits up to `timeout` for a table other than `seen` to be
+    /// published, and returns the current one.
+    pub fn wait_published(&self, seen: &Arc<Descriptor>, timeout: Duration) -> Arc<Descriptor> {
+        let s = self.lock();
+        let _unchanged = self
+            .changed
+            .wait_timeout_while(s, timeout, |_| Arc::ptr_eq(&self.published(), seen))
+            .unwrap_or_else(|p| p.into_inner());
+        self.published()
+    }
+
+    /// Commands refused after the seal, now.
+    pub fn tamper_count(&self) -> u32 {
+        self.tamper.load(Ordering::Relaxed)
     }
 
     /// Waits until the published state differs from version `seen` (or
@@ -85,6 +121,11 @@ impl BackdoorShared {
 
     fn changed(&self, s: &mut State) {
         s.version += 1;
+        *self
+            .published
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(describe(s));
+        self.tamper.store(s.tamper, Ordering::Relaxed);
         self.changed.notify_all();
     }
 
@@ -241,6 +282,7 @@ impl BackdoorDevice {
             // the count travels with the next periodic update) nor a log
             // line each: one summary per TAMPER_LOG_EVERY at most.
             s.tamper = s.tamper.saturating_add(1);
+            self.shared.tamper.store(s.tamper, Ordering::Relaxed);
             let now = Instant::now();
             if s.tamper_logged
                 .is_none_or(|t| now.duration_since(t) >= TAMPER_LOG_EVERY)

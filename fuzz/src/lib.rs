@@ -24,8 +24,8 @@ pub const REPAIR_KEY: [u8; 16] = [2; 16];
 pub struct Fixed(pub Descriptor);
 
 impl DescriptorSource for Fixed {
-    fn descriptor(&self) -> Descriptor {
-        self.0.clone()
+    fn descriptor(&self) -> std::sync::Arc<Descriptor> {
+        std::sync::Arc::new(self.0.clone())
     }
     fn vmm_alive(&self) -> bool {
         true

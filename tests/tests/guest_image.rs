@@ -537,7 +537,8 @@ fn guest_image_hang_is_detected_extracted_and_resumed() {
     p.vm.send_console("crash-bdkv\n");
     // While no bdkv holds its area, another user's bdkv (the device open
     // to all) asks for it first: refused, for being another user.
-    let thief = p.vm.wait_line("BDIMG: another user's bdkv was refused bdkv's area", T);
+    let thief =
+        p.vm.wait_line("BDIMG: another user's bdkv was refused bdkv's area", T);
     assert!(thief.contains("belongs to another user"), "{thief}");
     let restarted = p.vm.wait_line("BDIMG: bdkv restarted as ", T);
     assert!(

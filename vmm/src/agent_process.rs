@@ -71,14 +71,15 @@ pub fn with_verbs(
     agent
 }
 
-/// How soon after a guest reset its old memory regions and queue pairs
-/// stop working.
+/// How long the revoker waits for a change before it looks again anyway.
 #[cfg(feature = "verbs")]
-const REVOKE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+const REVOKE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A NIC serves registered regions without asking the agent, so a
 /// rebooted guest's old rkeys would keep reading pages that now hold
-/// something else: when the generation changes, drop them at once.
+/// something else, and an unregistered hook's would keep reading it: at
+/// every change of the table (woken by it, not polling), revoke the queue
+/// pairs and MRs it no longer covers.
 #[cfg(feature = "verbs")]
 fn revoke_on_reboot(
     verbs: Arc<backdoor_agent::verbs::VerbsBackend>,
@@ -87,13 +88,12 @@ fn revoke_on_reboot(
     let spawned = std::thread::Builder::new()
         .name("bd-verbs-revoke".into())
         .spawn(move || {
-            let mut generation = source.descriptor().generation;
+            let mut seen = source.descriptor();
             loop {
-                std::thread::sleep(REVOKE_CHECK);
-                let d = source.descriptor();
-                if d.generation != generation {
-                    generation = d.generation;
+                let d = source.wait_change(&seen, REVOKE_WAIT);
+                if !Arc::ptr_eq(&d, &seen) {
                     verbs.refresh(&d);
+                    seen = d;
                 }
             }
         });
