@@ -1028,12 +1028,7 @@ impl VerbsBackend {
     }
 
     /// Registers a fresh MR in `pd` for each hook `role` may reach.
-    fn register(
-        &self,
-        pd: &Arc<Pd>,
-        role: Role,
-        desc: &Descriptor,
-    ) -> Result<Registered, Refusal> {
+    fn register(&self, pd: &Arc<Pd>, role: Role, desc: &Descriptor) -> Result<Registered, Refusal> {
         let (mut regions, mut covered, mut mrs) = (Vec::new(), Vec::new(), Vec::new());
         for h in &desc.hooks {
             let perms = role_perms(role, h.kind, h.perms);

@@ -203,6 +203,11 @@ fn writes_outside_repair_hooks_from_the_read_role_or_out_of_bounds_are_refused()
         Some(ErrorCode::Forbidden)
     );
     assert_eq!(
+        r.faa(repair, 8, 1).unwrap_err().code(),
+        Some(ErrorCode::Forbidden),
+        "read role may not add"
+    );
+    assert_eq!(
         code(w.write(progress, 0, &[1; 8])),
         Some(ErrorCode::Forbidden),
         "progress boxes are read-only"
