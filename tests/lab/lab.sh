@@ -287,8 +287,8 @@ write_env() {
 # get through the plan.
 #
 # If L1 itself dies (its kernel panics: the emulator's doing, docs/LAB.md),
-# a fresh L1 goes on with the entries left, the interrupted one first, once;
-# interrupted twice, it fails. At most four L1 boots per run.
+# a fresh L1 goes on with the entries left, the interrupted one first, up
+# to twice; interrupted three times, it fails. At most six L1 boots per run.
 boot_l1() {
 	local verbose=$1 stream=$2 timeout_s=$3 name ok=0 failed=0 boots=0 start=$SECONDS
 	local on_second_try=0
@@ -300,8 +300,8 @@ boot_l1() {
 		awk -F '\t' 'NR == FNR { done[$1] = 1; next } !($1 in done)' \
 			<(printf '%s\n' "${!finished[@]}") "$RUN/plan.all" >"$RUN/plan"
 		[[ -s $RUN/plan ]] || break
-		if ((boots == 4)); then
-			log "L1 died four times: giving up on $(wc -l <"$RUN/plan") entries"
+		if ((boots == 6)); then
+			log "L1 died five times: giving up on $(wc -l <"$RUN/plan") entries"
 			while IFS=$'\t' read -r name _; do failures+=("$name (not run)"); done <"$RUN/plan"
 			failed=$((failed + $(wc -l <"$RUN/plan")))
 			break
@@ -315,16 +315,18 @@ boot_l1() {
 			failed=$((failed + $(wc -l <"$RUN/plan")))
 			break
 		fi
-		# L1 died. The entry it was running gets one more try in a fresh L1.
+		# L1 died. The entry it was running gets up to two more tries, each
+		# in a fresh L1.
 		if [[ -n $L1_CURRENT ]]; then
-			if [[ -n ${retried[$L1_CURRENT]:-} ]]; then
+			retried[$L1_CURRENT]=$((${retried[$L1_CURRENT]:-0} + 1))
+			if ((${retried[$L1_CURRENT]} == 3)); then
 				finished[$L1_CURRENT]=1
 				failed=$((failed + 1))
-				failures+=("$L1_CURRENT (L1 died during it twice)")
+				failures+=("$L1_CURRENT (L1 died during it three times)")
+				printf '%s: FAIL %-100s (L1 died during it three times)\n' "$PROG" "$L1_CURRENT"
 			else
-				retried[$L1_CURRENT]=1
-				mv "$RUN/logs/$L1_CURRENT.log" "$RUN/logs/$L1_CURRENT.l1-died.log" 2>/dev/null || true
-				log "running $L1_CURRENT again in a fresh L1 (its output so far: logs/$L1_CURRENT.l1-died.log)"
+				mv "$RUN/logs/$L1_CURRENT.log" "$RUN/logs/$L1_CURRENT.l1-died-${retried[$L1_CURRENT]}.log" 2>/dev/null || true
+				log "running $L1_CURRENT again in a fresh L1 (its output so far: logs/$L1_CURRENT.l1-died-${retried[$L1_CURRENT]}.log)"
 			fi
 		fi
 	done

@@ -365,6 +365,26 @@ pub fn run_bdvmm(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// Raises this process's open-file limit to its hard limit, and checks
+/// that it allows `want` (tests that hold many sockets).
+pub fn raise_open_files(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+    }
+    assert!(
+        lim.rlim_max >= want,
+        "this test needs {want} open files; the hard limit is {}",
+        lim.rlim_max
+    );
+}
+
 /// Whether this host has hardware virtualization (VMX or SVM).
 pub fn has_hardware_virtualization() -> bool {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -91,6 +91,71 @@ fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free(
 }
 
 #[test]
+fn under_a_thousand_trickling_strangers_status_answers_and_a_hang_is_still_extracted() {
+    const STRANGERS: usize = 1000;
+    bdvmm_tests::raise_open_files(4 * STRANGERS as u64);
+    let s = shop(&[]);
+    let out = s.dir.path().join("extracted");
+    let w = Watch::start(
+        &s.target(),
+        &s.keys,
+        &[
+            "--interval-ms",
+            "50",
+            "--extract-on-hang",
+            out.to_str().unwrap(),
+        ],
+    );
+    w.verdict("healthy", T);
+    // Strangers that hold sockets and trickle a byte each every 200 ms,
+    // connecting again whenever the agent cuts one off.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (addr, stop) = (s.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let connect = || std::net::TcpStream::connect(&addr).expect("a stranger connects");
+            let mut socks: Vec<_> = (0..STRANGERS).map(|_| connect()).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for sock in &mut socks {
+                    if std::io::Write::write(sock, &[0x42]).is_err() {
+                        *sock = connect();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let (code, out_text, err) = bdctl(&[
+        "status",
+        &s.target(),
+        "--key-file",
+        s.keys.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out_text}{err}");
+    eprintln!(
+        "flood: bdctl status under {STRANGERS} trickling strangers took {:?}",
+        t.elapsed()
+    );
+    s.control(1);
+    let (_, e) = w.wait("extracted", T, |e| {
+        assert!(
+            !(e["event"] == "verdict" && e["verdict"] == "unreachable"),
+            "the watch lost the guest to the strangers: {e}"
+        );
+        e["event"] == "extracted" || e["event"] == "action_failed"
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    assert_eq!(e["event"], "extracted", "{e}");
+    let x: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(e["file"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_three_consistent_sessions(&x);
+}
+
+#[test]
 fn idle_counters_are_never_reported_hung() {
     let s = shop(&[]);
     let w = Watch::start(&s.target(), &s.keys, &["--interval-ms", "50"]);
