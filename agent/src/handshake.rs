@@ -280,7 +280,7 @@ impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
         listener.set_nonblocking(true)?;
         let mut tick = TimerFd::new()?;
         tick.reset(TICK_EVERY, Some(TICK_EVERY))?;
-        raise_fd_limit();
+        raise_open_file_limit();
         Ok(Self {
             listener,
             listening: true,
@@ -599,20 +599,30 @@ impl<K: KeyRing + Send, A: Admit> MutEventSubscriber for Gate<K, A> {
 }
 
 /// Raises this process's soft limit on open files to its hard limit
-/// (best effort), so that a flood of pending handshakes meets
-/// [`MAX_PENDING`] before it meets the fd limit.
-fn raise_fd_limit() {
+/// (best effort) and returns the limit now in force; the gate does so at
+/// start, so that a flood of pending handshakes meets [`MAX_PENDING`]
+/// before it meets the fd limit.
+pub fn raise_open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) == 0 {
+                lim = raised;
+            }
         }
     }
+    lim.rlim_cur
 }
 
 fn fd_key(s: &TcpStream) -> u32 {

@@ -929,11 +929,13 @@ type ConnSlot = Arc<Mutex<Option<ConnVerbs>>>;
 /// Keeps a connection's verbs alive: the agent holds it for as long as
 /// the monitor's TCP connection lasts, and dropping it destroys the queue
 /// pair and deregisters the MRs.
-pub struct VerbsLease(#[allow(dead_code)] ConnSlot);
+pub struct ConnLease {
+    _slot: ConnSlot,
+}
 
-impl std::fmt::Debug for VerbsLease {
+impl std::fmt::Debug for ConnLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerbsLease").finish_non_exhaustive()
+        f.debug_struct("ConnLease").finish_non_exhaustive()
     }
 }
 
@@ -1137,7 +1139,7 @@ impl VerbsService for VerbsBackend {
             remote_qpn = remote.qpn,
             "verbs: monitor queue pair connected"
         );
-        Ok((json, Box::new(VerbsLease(slot))))
+        Ok((json, Box::new(ConnLease { _slot: slot })))
     }
 }
 

@@ -588,10 +588,20 @@ pub fn write_sealed(
 /// [`MAX_PAYLOAD`]).
 fn read_frame(r: &mut impl Read, max: u32) -> Result<([u8; HEADER_LEN], Vec<u8>), WireError> {
     let h = read_header(r, max)?;
-    let len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    let payload = read_payload(r, &h)?;
     Ok((h, payload))
+}
+
+/// The payload length header `h` announces (checked by [`read_header`]).
+fn payload_len(h: &[u8; HEADER_LEN]) -> usize {
+    u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize
+}
+
+/// Reads the untagged payload that header `h` announces.
+fn read_payload(r: &mut impl Read, h: &[u8; HEADER_LEN]) -> Result<Vec<u8>, WireError> {
+    let mut payload = vec![0u8; payload_len(h)];
+    r.read_exact(&mut payload)?;
+    Ok(payload)
 }
 
 /// Reads and checks a frame header whose payload may be at most `max`.
@@ -636,10 +646,20 @@ pub fn read_msg_bounded(r: &mut impl Read, max: u32) -> Result<(u32, Msg), WireE
 /// dropped on the way fails with [`WireError::Integrity`].
 pub fn read_sealed(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
     let h = read_header(r, MAX_PAYLOAD)?;
-    let len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
-    // Hashed as it arrives, a chunk at a time while it is in cache.
-    let mut m = key.hasher(&h);
-    let mut payload = vec![0u8; len];
+    let payload = read_tagged_payload(r, &h, key)?;
+    decode_frame(&h, payload)
+}
+
+/// Reads the payload that header `h` announces and its tag, and checks
+/// the tag: the payload is hashed as it arrives, a chunk at a time while
+/// it is in cache.
+fn read_tagged_payload(
+    r: &mut impl Read,
+    h: &[u8; HEADER_LEN],
+    key: &mut FrameKey,
+) -> Result<Vec<u8>, WireError> {
+    let mut m = key.hasher(h);
+    let mut payload = vec![0u8; payload_len(h)];
     for chunk in payload.chunks_mut(TAG_CHUNK) {
         r.read_exact(chunk)?;
         m.update(chunk);
@@ -650,7 +670,7 @@ pub fn read_sealed(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), 
     if m.finalize() != blake3::Hash::from_bytes(tag) {
         return Err(WireError::Integrity);
     }
-    decode_frame(&h, payload)
+    Ok(payload)
 }
 
 /// How much of a payload is read and hashed at a time.
@@ -661,14 +681,12 @@ const TAG_CHUNK: usize = 64 << 10;
 /// monitor it refuses; a forged refusal can only do what cutting the
 /// connection does).
 pub fn read_welcome(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
-    let (h, payload) = read_frame(r, MAX_PAYLOAD)?;
-    if h[5] != ERROR_KIND {
-        let mut tag = [0u8; TAG_LEN];
-        r.read_exact(&mut tag)?;
-        if !key.verify(&h, &payload, &tag) {
-            return Err(WireError::Integrity);
-        }
-    }
+    let h = read_header(r, MAX_PAYLOAD)?;
+    let payload = if h[5] == ERROR_KIND {
+        read_payload(r, &h)?
+    } else {
+        read_tagged_payload(r, &h, key)?
+    };
     decode_frame(&h, payload)
 }
 
@@ -718,11 +736,6 @@ impl FrameKey {
         m.update(h);
         self.seq += 1;
         m
-    }
-
-    fn verify(&mut self, h: &[u8; HEADER_LEN], payload: &[u8], tag: &[u8; TAG_LEN]) -> bool {
-        // blake3::Hash compares in constant time.
-        blake3::Hash::from_bytes(self.tag(h, payload)) == blake3::Hash::from_bytes(*tag)
     }
 
     /// Seals raw frame bytes (a header and its payload, as read from

@@ -165,25 +165,6 @@ fn a_write_replayed_or_forged_on_the_way_changes_no_guest_byte() {
     assert_eq!(direct.read(REPAIR.0, 16, 8).unwrap(), b"BBBBBBBB");
 }
 
-/// Raises the test process's open-file limit to its hard limit.
-fn raise_nofile(want: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
-    }
-    assert!(
-        lim.rlim_max >= want,
-        "this test needs {want} open files; the hard limit is {}",
-        lim.rlim_max
-    );
-}
-
 /// Whether the agent has closed `s` (end of file, or a reset).
 fn closed_by_agent(s: &mut TcpStream) -> bool {
     s.set_nonblocking(true).unwrap();
@@ -202,7 +183,8 @@ fn closed_by_agent(s: &mut TcpStream) -> bool {
 fn a_thousand_trickling_strangers_neither_lock_a_monitor_out_nor_outlive_the_deadline() {
     const STRANGERS: usize = 1000;
     const DEADLINE: Duration = Duration::from_secs(2);
-    raise_nofile(4 * STRANGERS as u64);
+    let files = backdoor_agent::handshake::raise_open_file_limit();
+    assert!(files >= 4 * STRANGERS as u64, "{files} open files allowed");
     let g = fake_guest();
     let agent = serve(common::agent(g.mem.clone()).with_handshake_deadline(DEADLINE));
     let strangers: Vec<TcpStream> = (0..STRANGERS)

@@ -368,20 +368,10 @@ pub fn run_bdvmm(args: &[&str]) -> (Option<i32>, String) {
 /// Raises this process's open-file limit to its hard limit, and checks
 /// that it allows `want` (tests that hold many sockets).
 pub fn raise_open_files(want: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
-    }
+    let files = backdoor_agent::handshake::raise_open_file_limit();
     assert!(
-        lim.rlim_max >= want,
-        "this test needs {want} open files; the hard limit is {}",
-        lim.rlim_max
+        files >= want,
+        "this test needs {want} open files; the limit is {files}"
     );
 }
 
