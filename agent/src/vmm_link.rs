@@ -187,12 +187,20 @@ pub type Accepted = (
 pub fn accept(listener: &UnixListener) -> Result<Accepted, LinkError> {
     // Whoever sends the memfd decides what monitors read as this guest's
     // memory: another user's process, or one that sends no valid hello in
-    // time, is turned away, and the agent keeps waiting for its VMM.
+    // time, is turned away, and the agent keeps waiting for its VMM (a
+    // line for the 1st, 2nd, 4th, 8th... refusal: any local process can
+    // connect).
+    let mut refused = 0u64;
     loop {
         let (stream, _) = listener.accept()?;
         match admit_vmm(stream) {
             Ok(a) => return Ok(a),
-            Err(e) => tracing::warn!("agent: refusing a VMM link: {e}"),
+            Err(e) => {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(refused, "agent: refusing a VMM link: {e}");
+                }
+            }
         }
     }
 }
