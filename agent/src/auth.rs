@@ -189,6 +189,58 @@ pub fn session_keys(
     }
 }
 
+/// A key file the agent follows: read again whenever it changes on disk
+/// (its size, modification time or inode), so keys rotate without
+/// restarting the agent or the guest. New connections use the new keys;
+/// connections already authenticated keep theirs. A file that no longer
+/// parses leaves the keys in force, and says so once per change.
+#[derive(Debug)]
+pub struct KeyFile {
+    path: std::path::PathBuf,
+    state: std::sync::Mutex<(Option<FileStamp>, std::sync::Arc<Keys>)>,
+}
+
+/// What tells one version of a file from the next.
+type FileStamp = (u64, u64, std::time::SystemTime);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+impl KeyFile {
+    /// Loads `path` and follows it.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let at = stamp(path);
+        let keys = Keys::load(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            state: std::sync::Mutex::new((at, std::sync::Arc::new(keys))),
+        })
+    }
+
+    /// The keys now in force (the file is read again if it changed).
+    pub fn current(&self) -> std::sync::Arc<Keys> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = stamp(&self.path);
+        if now.is_some() && now != s.0 {
+            s.0 = now;
+            match Keys::load(&self.path) {
+                Ok(k) => {
+                    tracing::info!(path = %self.path.display(), "agent: key file changed; new connections use its keys");
+                    s.1 = std::sync::Arc::new(k);
+                }
+                Err(e) => tracing::warn!("agent: keeping the keys in force: {e}"),
+            }
+        }
+        s.1.clone()
+    }
+}
+
 /// Constant-time comparison of a received proof.
 pub fn proofs_equal(a: &[u8; NONCE_LEN], b: &[u8; NONCE_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

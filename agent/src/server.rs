@@ -16,7 +16,7 @@ use std::time::Duration;
 use backdoor_dev::Descriptor;
 
 use crate::access::{authorize, Op, Refusal};
-use crate::auth::Keys;
+use crate::auth::{KeyFile, Keys};
 use crate::descriptor::{DescriptorSource, PublicDescriptor, VcpuSource};
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{self, Admit, Admitted, Gate, KeyRing, HANDSHAKE_DEADLINE};
@@ -55,6 +55,8 @@ pub type VerbsLease = Box<dyn std::any::Any + Send>;
 pub struct Agent {
     vm: String,
     keys: Keys,
+    /// Where the keys come from when they can rotate (read again on change).
+    key_file: Option<KeyFile>,
     mem: Arc<GuestMemory>,
     source: Arc<dyn DescriptorSource>,
     verbs: Option<Arc<dyn VerbsService>>,
@@ -86,6 +88,7 @@ impl Agent {
         Self {
             vm,
             keys,
+            key_file: None,
             mem,
             source,
             verbs: None,
@@ -95,6 +98,22 @@ impl Agent {
             busy_poll: DEFAULT_BUSY_POLL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             handshake_deadline: HANDSHAKE_DEADLINE,
+        }
+    }
+
+    /// Takes its keys from `file` from now on, reading it again whenever
+    /// it changes: keys rotate without a restart (new connections use the
+    /// new keys; authenticated ones keep theirs).
+    pub fn with_key_file(mut self, file: KeyFile) -> Self {
+        self.key_file = Some(file);
+        self
+    }
+
+    /// The key of `role` now in force.
+    fn role_key(&self, role: Role) -> Option<Vec<u8>> {
+        match &self.key_file {
+            Some(f) => f.current().key(role),
+            None => self.keys.key(role),
         }
     }
 
@@ -437,7 +456,7 @@ impl KeyRing for AgentKeys<'_> {
         &self.0.vm
     }
     fn key(&self, role: Role) -> Option<Vec<u8>> {
-        self.0.keys.key(role)
+        self.0.role_key(role)
     }
 }
 
@@ -446,7 +465,7 @@ impl KeyRing for Arc<Agent> {
         &self.vm
     }
     fn key(&self, role: Role) -> Option<Vec<u8>> {
-        self.keys.key(role)
+        self.role_key(role)
     }
 }
 

@@ -307,3 +307,36 @@ fn an_idle_monitor_is_closed_and_its_slot_goes_to_the_next() {
     let mut next = client(agent, Role::Read);
     assert_eq!(next.read(PROGRESS.0, 0, 8).unwrap(), pattern()[..8]);
 }
+
+#[test]
+fn keys_rotate_without_restarting_the_agent() {
+    let dir = std::env::temp_dir().join(format!("bd-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keys.toml");
+    std::fs::write(&path, format!("read = \"{}\"\n", common::READ_KEY)).unwrap();
+    let g = fake_guest();
+    let agent = serve(
+        common::agent(g.mem.clone())
+            .with_key_file(backdoor_agent::auth::KeyFile::load(&path).unwrap()),
+    );
+    let mut before = client(agent, Role::Read);
+    // The operator writes a new key file (in place of the old: rename).
+    const NEW: &str = "0123456789abcdef0123456789abcdef";
+    let tmp = dir.join("keys.toml.new");
+    std::fs::write(&tmp, format!("read = \"{NEW}\"\n")).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let connect = |hex: &str| {
+        let key = backdoor_agent::auth::decode_hex(hex).unwrap();
+        backdoor_agent::Client::connect(agent, "vm1", Role::Read, &key, common::TIMEOUT)
+    };
+    let old = connect(common::READ_KEY).unwrap_err();
+    assert!(matches!(old, ClientError::AgentNotAuthentic), "{old:?}");
+    let mut after = connect(NEW).unwrap();
+    assert_eq!(after.read(PROGRESS.0, 0, 8).unwrap(), pattern()[..8]);
+    // A connection made with the old key keeps working.
+    assert_eq!(before.read(PROGRESS.0, 0, 8).unwrap(), pattern()[..8]);
+    // A broken file leaves the keys in force.
+    std::fs::write(&path, "read = \"not hex\"\n").unwrap();
+    assert!(connect(NEW).is_ok(), "a bad key file took the keys away");
+    let _ = std::fs::remove_dir_all(&dir);
+}

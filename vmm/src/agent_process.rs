@@ -6,14 +6,14 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
-use backdoor_agent::auth::Keys;
+use backdoor_agent::auth::{KeyFile, Keys};
 use backdoor_agent::{vmm_link, Agent, DescriptorSource};
 
 use crate::cli::AgentArgs;
 
 /// Runs the agent until the process is killed.
 pub fn run(args: &AgentArgs) -> Result<(), String> {
-    let keys = Keys::load(&args.keys).map_err(|e| e.to_string())?;
+    let key_file = KeyFile::load(&args.keys).map_err(|e| e.to_string())?;
     let tcp = TcpListener::bind(&args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = tcp.local_addr().map_err(|e| e.to_string())?;
@@ -37,9 +37,15 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
     let (vm, mem, table, vcpus) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
     eprintln!("bdvmm agent: serving the backdoor of {vm}");
     let source: Arc<dyn DescriptorSource> = table;
-    let agent = Agent::new(vm, keys, mem.clone(), source.clone())
-        .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
-        .with_vcpus(vcpus);
+    let agent = Agent::new(
+        vm,
+        Keys::clone(&key_file.current()),
+        mem.clone(),
+        source.clone(),
+    )
+    .with_key_file(key_file)
+    .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
+    .with_vcpus(vcpus);
     let agent = Arc::new(with_verbs(agent, mem, &source));
     let handle = agent.serve(tcp).map_err(|e| e.to_string())?;
     let _ = handle.join();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use std::net::TcpListener;
 
-use backdoor_agent::auth::Keys;
+use backdoor_agent::auth::{KeyFile, Keys};
 use backdoor_agent::vmm_link;
 use backdoor_agent::{Agent, DescriptorSource, GuestMemory, RamRange};
 use backdoor_dev::{BackdoorDevice, BackdoorShared};
@@ -215,7 +215,7 @@ impl Vmm {
     fn start_agent(&mut self) -> Result<(), VmmError> {
         let agent_err = |e: &dyn std::fmt::Display| VmmError::Agent(e.to_string());
         if let Some((addr, keys)) = &self.config.backdoor_listen {
-            let keys = Keys::load(keys).map_err(|e| agent_err(&e))?;
+            let key_file = KeyFile::load(keys).map_err(|e| agent_err(&e))?;
             let memfd = self
                 .ram
                 .memfd()
@@ -230,7 +230,9 @@ impl Vmm {
                 .map_err(|e| agent_err(&e))?
                 .to_string();
             let source: Arc<dyn DescriptorSource> = self.backdoor.clone();
+            let keys = Keys::clone(&key_file.current());
             let agent = Agent::new(self.config.name.clone(), keys, mem.clone(), source.clone())
+                .with_key_file(key_file)
                 .with_busy_poll(self.config.agent_busy_poll)
                 .with_vcpus(self.vcpus.clone());
             let agent = Arc::new(crate::agent_process::with_verbs(agent, mem, &source));
