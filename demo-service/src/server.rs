@@ -194,7 +194,14 @@ impl Conn<'_> {
                     false,
                 )
             }
-            Request::Quit => ("OK bye".into(), true),
+            Request::Quit => {
+                // Detached before the reply: a client that has read "bye"
+                // may resume the session elsewhere at once.
+                if let Some(id) = self.session.take() {
+                    store.detach(id);
+                }
+                ("OK bye".into(), true)
+            }
             Request::End => {
                 let id = self.session()?;
                 store.end(id).map_err(e)?;
