@@ -120,14 +120,23 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn mac(key: &[u8], label: &[u8], first: &[u8], second: &[u8], role: Role, vm: &str) -> HmacSha256 {
+/// HMAC-SHA256 under `key` of label ‖ first ‖ second ‖ role ‖ VM: the
+/// proofs and the frame keys are all this, with their own labels.
+fn mac(
+    key: &[u8],
+    label: &[u8],
+    first: &[u8],
+    second: &[u8],
+    role: Role,
+    vm: &str,
+) -> [u8; NONCE_LEN] {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(label);
     m.update(first);
     m.update(second);
     m.update(&[role as u8]);
     m.update(vm.as_bytes());
-    m
+    m.finalize().into_bytes().into()
 }
 
 /// The agent's proof over both nonces.
@@ -139,9 +148,6 @@ pub fn agent_proof(
     vm: &str,
 ) -> [u8; NONCE_LEN] {
     mac(key, b"bd-agent-v1", client, server, role, vm)
-        .finalize()
-        .into_bytes()
-        .into()
 }
 
 /// The monitor's proof over both nonces (different label and order).
@@ -153,9 +159,6 @@ pub fn monitor_proof(
     vm: &str,
 ) -> [u8; NONCE_LEN] {
     mac(key, b"bd-monitor-v1", server, client, role, vm)
-        .finalize()
-        .into_bytes()
-        .into()
 }
 
 /// The two frame keys of one connection (docs/wire.md "Frame
@@ -177,12 +180,7 @@ pub fn session_keys(
     role: Role,
     vm: &str,
 ) -> SessionKeys {
-    let derive = |label: &[u8]| -> [u8; 32] {
-        mac(key, label, client, server, role, vm)
-            .finalize()
-            .into_bytes()
-            .into()
-    };
+    let derive = |label: &[u8]| mac(key, label, client, server, role, vm);
     SessionKeys {
         monitor_to_agent: FrameKey::new(derive(b"bd-frames-m2a-v2")),
         agent_to_monitor: FrameKey::new(derive(b"bd-frames-a2m-v2")),

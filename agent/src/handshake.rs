@@ -46,6 +46,15 @@ pub trait KeyRing {
     fn key(&self, role: Role) -> Option<Vec<u8>>;
 }
 
+impl<T: KeyRing + ?Sized> KeyRing for std::sync::Arc<T> {
+    fn vm(&self) -> &str {
+        (**self).vm()
+    }
+    fn key(&self, role: Role) -> Option<Vec<u8>> {
+        (**self).key(role)
+    }
+}
+
 /// A monitor that proved it holds the key of `role`.
 #[derive(Debug)]
 pub struct Admitted {

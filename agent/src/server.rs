@@ -109,14 +109,6 @@ impl Agent {
         self
     }
 
-    /// The key of `role` now in force.
-    fn role_key(&self, role: Role) -> Option<Vec<u8>> {
-        match &self.key_file {
-            Some(f) => f.current().key(role),
-            None => self.keys.key(role),
-        }
-    }
-
     /// Closes an authenticated monitor silent for `idle`.
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
@@ -186,7 +178,7 @@ impl Agent {
         r: &mut impl std::io::Read,
         w: &mut impl Write,
     ) -> Result<Option<Admitted>, WireError> {
-        handshake::authenticate(&AgentKeys(self), r, w)
+        handshake::authenticate(self, r, w)
     }
 
     /// Serves one authenticated monitor until it leaves, goes idle past
@@ -448,24 +440,18 @@ fn error(code: ErrorCode, message: String) -> Msg {
     Msg::Error { code, message }
 }
 
-/// The agent's keys as the handshake sees them.
-struct AgentKeys<'a>(&'a Agent);
-
-impl KeyRing for AgentKeys<'_> {
-    fn vm(&self) -> &str {
-        &self.0.vm
-    }
-    fn key(&self, role: Role) -> Option<Vec<u8>> {
-        self.0.role_key(role)
-    }
-}
-
-impl KeyRing for Arc<Agent> {
+/// The agent's keys as the handshake sees them (the gate holds an
+/// `Arc<Agent>`, which handshake.rs makes a key ring too).
+impl KeyRing for Agent {
     fn vm(&self) -> &str {
         &self.vm
     }
+    /// The key of `role` now in force.
     fn key(&self, role: Role) -> Option<Vec<u8>> {
-        self.role_key(role)
+        match &self.key_file {
+            Some(f) => f.current().key(role),
+            None => self.keys.key(role),
+        }
     }
 }
 

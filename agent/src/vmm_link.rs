@@ -344,6 +344,28 @@ mod tests {
         }
     }
 
+    /// A fresh directory for this test and the agent socket's path in it.
+    fn socket_path(test: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("bd-link-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
+    /// The hello of "vm1" with 1 MiB of RAM at 0 and `descriptor`.
+    fn hello(descriptor: Descriptor) -> Hello {
+        Hello {
+            vm: "vm1".into(),
+            ranges: vec![RamRange {
+                guest_addr: 0,
+                len: 1 << 20,
+                file_offset: 0,
+            }],
+            descriptor,
+        }
+    }
+
     /// `accept` on `l`, failing the test if no VMM comes within 10 s.
     fn accept_within(l: &UnixListener) -> Accepted {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -358,20 +380,9 @@ mod tests {
 
     #[test]
     fn an_agent_turns_away_links_without_a_hello_or_a_sealed_memfd_and_waits_for_its_vmm() {
-        let dir = std::env::temp_dir().join(format!("bd-link-seal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_path("seal");
         let listener = UnixListener::bind(&path).unwrap();
-        let hello = Hello {
-            vm: "vm1".into(),
-            ranges: vec![RamRange {
-                guest_addr: 0,
-                len: 1 << 20,
-                file_offset: 0,
-            }],
-            descriptor: BackdoorShared::new(1).snapshot(),
-        };
+        let hello = hello(BackdoorShared::new(1).snapshot());
         // A connection that says nothing, then a memfd its sender could
         // still shrink under the agent.
         drop(UnixStream::connect(&path).unwrap());
@@ -399,21 +410,10 @@ mod tests {
 
     #[test]
     fn a_restarted_agent_gets_the_memfd_and_the_current_table_again() {
-        let dir = std::env::temp_dir().join(format!("bd-link-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = socket_path("restart");
         let memfd = crate::guest_mem::memfd(c"link-test", 1 << 20).unwrap();
         let shared = BackdoorShared::new(3);
-        let hello = Hello {
-            vm: "vm1".into(),
-            ranges: vec![RamRange {
-                guest_addr: 0,
-                len: 1 << 20,
-                file_offset: 0,
-            }],
-            descriptor: shared.snapshot(),
-        };
+        let hello = hello(shared.snapshot());
         let first = UnixListener::bind(&path).unwrap();
         connect_and_publish(&path, &memfd, &hello, shared.clone(), None).unwrap();
         // The first agent takes the hello and the memfd, writes to guest

@@ -52,8 +52,9 @@ fn a_hang_is_detected_within_the_deadline_plus_two_intervals() {
     );
 }
 
-#[test]
-fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free() {
+/// A shop guest and a healthy `bdctl watch` of it that extracts on a hang
+/// (into the shop's scratch directory).
+fn shop_watched_with_extract_on_hang() -> (bdvmm_tests::shop::Shop, Watch) {
     let s = shop(&[]);
     let out = s.dir.path().join("extracted");
     let w = Watch::start(
@@ -67,6 +68,20 @@ fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free(
         ],
     );
     w.verdict("healthy", T);
+    (s, w)
+}
+
+/// The extraction an `extracted` event names.
+fn extracted_file(e: &serde_json::Value) -> serde_json::Value {
+    let file = e["file"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no file in {e}"));
+    serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
+#[test]
+fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free() {
+    let (s, w) = shop_watched_with_extract_on_hang();
     // The watch holds one of the agent's 64 slots; a repair connection to
     // trigger the hang and 62 idle monitors take all the others.
     let connect = |role, key: &[u8]| Client::connect(s.addr.as_str(), "shop1", role, key, T);
@@ -83,10 +98,7 @@ fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free(
     });
     assert_eq!(e["event"], "extracted", "{e}");
     assert_eq!(e["attempts"], 1, "not over the held connection: {e}");
-    let x: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(e["file"].as_str().unwrap()).unwrap())
-            .unwrap();
-    assert_three_consistent_sessions(&x);
+    assert_three_consistent_sessions(&extracted_file(&e));
     drop(fillers);
 }
 
@@ -94,19 +106,7 @@ fn extract_on_hang_succeeds_over_the_watchs_own_connection_when_no_slot_is_free(
 fn under_a_thousand_trickling_strangers_status_answers_and_a_hang_is_still_extracted() {
     const STRANGERS: usize = 1000;
     bdvmm_tests::raise_open_files(4 * STRANGERS as u64);
-    let s = shop(&[]);
-    let out = s.dir.path().join("extracted");
-    let w = Watch::start(
-        &s.target(),
-        &s.keys,
-        &[
-            "--interval-ms",
-            "50",
-            "--extract-on-hang",
-            out.to_str().unwrap(),
-        ],
-    );
-    w.verdict("healthy", T);
+    let (s, w) = shop_watched_with_extract_on_hang();
     // Strangers that hold sockets and trickle a byte each every 200 ms,
     // connecting again whenever the agent cuts one off.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -149,10 +149,7 @@ fn under_a_thousand_trickling_strangers_status_answers_and_a_hang_is_still_extra
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flood.join().unwrap();
     assert_eq!(e["event"], "extracted", "{e}");
-    let x: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(e["file"].as_str().unwrap()).unwrap())
-            .unwrap();
-    assert_three_consistent_sessions(&x);
+    assert_three_consistent_sessions(&extracted_file(&e));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses its part
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,14 +41,7 @@ pub struct FakeGuest {
 
 /// RAM with the pattern in the progress box.
 pub fn fake_guest() -> FakeGuest {
-    let fd = nix::sys::memfd::memfd_create(
-        c"agent-test-ram",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-    )
-    .unwrap();
-    let mut f = File::from(fd);
-    f.set_len(RAM_LEN).unwrap();
-    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut f = backdoor_agent::guest_mem::memfd(c"agent-test-ram", RAM_LEN).unwrap();
     f.write_all(&pattern()).unwrap();
     let mem = Arc::new(
         GuestMemory::map(
