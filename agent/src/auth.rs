@@ -1,18 +1,13 @@
-//! Pre-shared keys per role and the mutual HMAC-SHA256 challenge-response.
+//! Pre-shared keys per VM and role, and the key files they come from.
 //!
-//! Both sides send a fresh nonce; the agent proves it holds the role's key
-//! before the monitor does (so a monitor cannot be fed a fake "healthy"
-//! guest by an impostor), then the monitor proves it. Keys never cross
-//! the wire.
+//! The keys authenticate both ends of the Noise handshake (`channel.rs`):
+//! neither side finishes it without the role's key, so a monitor cannot
+//! be fed a fake "healthy" guest by an impostor. Keys never cross the
+//! wire.
 
 use std::path::Path;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-use crate::wire::{FrameKey, Role, NONCE_LEN};
-
-type HmacSha256 = Hmac<Sha256>;
+use crate::wire::Role;
 
 /// Shortest key accepted, in bytes.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -120,73 +115,6 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// HMAC-SHA256 under `key` of label ‖ first ‖ second ‖ role ‖ VM: the
-/// proofs and the frame keys are all this, with their own labels.
-fn mac(
-    key: &[u8],
-    label: &[u8],
-    first: &[u8],
-    second: &[u8],
-    role: Role,
-    vm: &str,
-) -> [u8; NONCE_LEN] {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
-    m.update(label);
-    m.update(first);
-    m.update(second);
-    m.update(&[role as u8]);
-    m.update(vm.as_bytes());
-    m.finalize().into_bytes().into()
-}
-
-/// The agent's proof over both nonces.
-pub fn agent_proof(
-    key: &[u8],
-    client: &[u8; NONCE_LEN],
-    server: &[u8; NONCE_LEN],
-    role: Role,
-    vm: &str,
-) -> [u8; NONCE_LEN] {
-    mac(key, b"bd-agent-v1", client, server, role, vm)
-}
-
-/// The monitor's proof over both nonces (different label and order).
-pub fn monitor_proof(
-    key: &[u8],
-    client: &[u8; NONCE_LEN],
-    server: &[u8; NONCE_LEN],
-    role: Role,
-    vm: &str,
-) -> [u8; NONCE_LEN] {
-    mac(key, b"bd-monitor-v1", server, client, role, vm)
-}
-
-/// The two frame keys of one connection (docs/wire.md "Frame
-/// authentication"): bound to the role key, both nonces, the role and
-/// the VM, so no frame of one connection verifies on another.
-#[derive(Debug)]
-pub struct SessionKeys {
-    /// Seals what the monitor sends.
-    pub monitor_to_agent: FrameKey,
-    /// Seals what the agent sends.
-    pub agent_to_monitor: FrameKey,
-}
-
-/// Derives a connection's frame keys once both proofs have been checked.
-pub fn session_keys(
-    key: &[u8],
-    client: &[u8; NONCE_LEN],
-    server: &[u8; NONCE_LEN],
-    role: Role,
-    vm: &str,
-) -> SessionKeys {
-    let derive = |label: &[u8]| mac(key, label, client, server, role, vm);
-    SessionKeys {
-        monitor_to_agent: FrameKey::new(derive(b"bd-frames-m2a-v2")),
-        agent_to_monitor: FrameKey::new(derive(b"bd-frames-a2m-v2")),
-    }
-}
-
 /// A key file the agent follows: read again whenever it changes on disk
 /// (its size, modification time or inode), so keys rotate without
 /// restarting the agent or the guest. New connections use the new keys;
@@ -239,23 +167,12 @@ impl KeyFile {
     }
 }
 
-/// Constant-time comparison of a received proof.
-pub fn proofs_equal(a: &[u8; NONCE_LEN], b: &[u8; NONCE_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Fresh random bytes from the kernel.
-pub fn nonce() -> [u8; NONCE_LEN] {
-    let mut b = [0u8; NONCE_LEN];
-    let mut filled = 0;
-    while filled < b.len() {
-        // SAFETY: getrandom writes at most the remaining length into our buffer.
-        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
-        if n > 0 {
-            filled += n.unsigned_abs();
-        }
-    }
-    b
+/// A random key, for a HELLO that names an unknown VM or a disabled
+/// role: the handshake then fails as a wrong key would.
+pub fn random_key() -> Result<[u8; 32], getrandom::Error> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b)?;
+    Ok(b)
 }
 
 #[cfg(test)]
@@ -281,22 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn proofs_bind_key_nonces_role_and_vm() {
-        let (c, s) = ([1u8; 32], [2u8; 32]);
-        let p = monitor_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm1");
-        assert!(proofs_equal(
-            &p,
-            &monitor_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm1")
-        ));
-        for other in [
-            monitor_proof(b"key-two-16-bytes", &c, &s, Role::Read, "vm1"),
-            monitor_proof(b"key-one-16-bytes", &s, &c, Role::Read, "vm1"),
-            monitor_proof(b"key-one-16-bytes", &c, &s, Role::Repair, "vm1"),
-            monitor_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm2"),
-            agent_proof(b"key-one-16-bytes", &c, &s, Role::Read, "vm1"),
-        ] {
-            assert!(!proofs_equal(&p, &other));
-        }
-        assert_ne!(nonce(), nonce());
+    fn random_keys_differ() {
+        assert_ne!(random_key().unwrap(), random_key().unwrap());
     }
 }

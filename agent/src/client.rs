@@ -1,5 +1,6 @@
-//! The monitor side of the protocol: connect, authenticate (checking the
-//! agent's proof first), then one-sided operations on hooks by id.
+//! The monitor side of the protocol: connect, run the Noise handshake
+//! (which the agent finishes only if it holds the key), then one-sided
+//! operations on hooks by id.
 //!
 //! The operations travel over the authenticated TCP connection (the soft
 //! data path) or, once [`Client::attach_verbs`] connected an RDMA queue
@@ -10,12 +11,9 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::auth;
+use crate::channel::{Channel, HandshakeError, Initiator};
 use crate::descriptor::PublicDescriptor;
-use crate::wire::{
-    read_msg, read_sealed, read_welcome, write_msg, write_sealed, BatchEntry, ErrorCode, FrameKey,
-    Msg, Role, WireError,
-};
+use crate::wire::{read_msg, write_msg, BatchEntry, ErrorCode, Msg, Role, WireError};
 
 /// Errors seen by a monitor.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +32,9 @@ pub enum ClientError {
     /// The agent could not prove it holds the key: it is not the real agent.
     #[error("the agent failed to prove it knows the key: not trusting it")]
     AgentNotAuthentic,
+    /// The handshake could not run on this side (no randomness).
+    #[error("cannot start a handshake: {0}")]
+    Handshake(String),
     /// The agent answered with something unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -88,10 +89,8 @@ impl ClientError {
 pub struct Client {
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
-    /// Tags what this client sends.
-    send_key: FrameKey,
-    /// Checks what the agent sends.
-    recv_key: FrameKey,
+    /// Encrypts what this client sends, opens what the agent sends.
+    channel: Channel,
     next_id: u32,
     descriptor: PublicDescriptor,
     busy_poll: Duration,
@@ -105,6 +104,13 @@ pub struct Client {
 struct Verbs {
     qp: crate::verbs_client::VerbsClient,
     device: Option<String>,
+}
+
+fn handshake_error(e: HandshakeError) -> ClientError {
+    match e {
+        HandshakeError::NotAuthentic => ClientError::AgentNotAuthentic,
+        HandshakeError::Noise(e) => ClientError::Handshake(e.to_string()),
+    }
 }
 
 /// Default time a client spins for a reply before blocking (its own CPU).
@@ -144,42 +150,30 @@ impl Client {
         let mut r = BufReader::new(stream.try_clone().map_err(WireError::Io)?);
         let mut w = BufWriter::new(stream);
 
-        let client_nonce = auth::nonce();
+        let (handshake, noise) = Initiator::start(key, vm, role).map_err(handshake_error)?;
         write_msg(
             &mut w,
             0,
             &Msg::Hello {
                 vm: vm.to_owned(),
                 role,
-                client_nonce,
+                noise,
             },
         )?;
         w.flush().map_err(WireError::Io)?;
-        let (_, challenge) = read_msg(&mut r)?;
-        let (server_nonce, server_proof) = match challenge {
-            Msg::Challenge {
-                server_nonce,
-                server_proof,
-            } => (server_nonce, server_proof),
+        // The answer comes in the clear: an ACCEPT opens only if the agent
+        // holds the key; a refusal could be forged, but can do no more
+        // than cutting the connection does.
+        let mut channel = match read_msg(&mut r)?.1 {
+            Msg::Accept { noise } => handshake.finish(&noise).map_err(handshake_error)?,
             Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
             other => {
                 return Err(ClientError::Protocol(format!(
-                    "expected CHALLENGE, got {other:?}"
+                    "expected ACCEPT, got {other:?}"
                 )))
             }
         };
-        if !auth::proofs_equal(
-            &server_proof,
-            &auth::agent_proof(key, &client_nonce, &server_nonce, role, vm),
-        ) {
-            return Err(ClientError::AgentNotAuthentic);
-        }
-        let mac = auth::monitor_proof(key, &client_nonce, &server_nonce, role, vm);
-        write_msg(&mut w, 0, &Msg::Auth { mac })?;
-        w.flush().map_err(WireError::Io)?;
-        let keys = auth::session_keys(key, &client_nonce, &server_nonce, role, vm);
-        let (send_key, mut recv_key) = (keys.monitor_to_agent, keys.agent_to_monitor);
-        let descriptor = match read_welcome(&mut r, &mut recv_key)?.1 {
+        let descriptor = match channel.recv(&mut r)?.1 {
             Msg::Welcome(json) => parse_descriptor(&json)?,
             Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
             other => {
@@ -191,8 +185,7 @@ impl Client {
         Ok(Self {
             r,
             w,
-            send_key,
-            recv_key,
+            channel,
             next_id: 1,
             descriptor,
             busy_poll: DEFAULT_CLIENT_BUSY_POLL,
@@ -250,7 +243,7 @@ impl Client {
     fn call(&mut self, msg: &Msg) -> Result<Msg, ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        write_sealed(&mut self.w, id, msg, &mut self.send_key)?;
+        self.channel.send(&mut self.w, id, msg)?;
         self.w.flush().map_err(WireError::Io)?;
         if self.r.buffer().is_empty() {
             crate::wire::spin_until_readable(
@@ -258,7 +251,7 @@ impl Client {
                 self.busy_poll,
             );
         }
-        let (rid, reply) = read_sealed(&mut self.r, &mut self.recv_key)?;
+        let (rid, reply) = self.channel.recv(&mut self.r)?;
         if let Msg::Error { code, message } = reply {
             return Err(ClientError::Refused { code, message });
         }
@@ -355,7 +348,7 @@ impl Client {
                     offset: offset + next,
                     len: u32::try_from(n).unwrap_or(u32::MAX),
                 };
-                write_sealed(&mut self.w, id, &req, &mut self.send_key)?;
+                self.channel.send(&mut self.w, id, &req)?;
                 in_flight.push_back((id, n));
                 next += n;
             }
@@ -363,7 +356,7 @@ impl Client {
             let Some((id, n)) = in_flight.pop_front() else {
                 break;
             };
-            let (rid, reply) = read_sealed(&mut self.r, &mut self.recv_key)?;
+            let (rid, reply) = self.channel.recv(&mut self.r)?;
             match reply {
                 Msg::ReadOk(b) if rid == id && b.len() as u64 == n => sink(&b),
                 Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),

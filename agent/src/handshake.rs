@@ -1,10 +1,10 @@
-//! Admitting monitors: the handshake (HELLO → CHALLENGE → AUTH) as a
-//! state machine without I/O, and the gate that runs every pending
+//! Admitting monitors: the handshake (HELLO → ACCEPT, Noise NNpsk0 in
+//! `channel.rs`) without I/O, and the gate that runs every pending
 //! handshake on one epoll thread (event-manager) under hostile clients.
 //!
 //! What a client that holds no key can take is bounded: a pending
 //! handshake costs one socket and a few hundred bytes, never a thread;
-//! frames before AUTH may carry at most [`PREAUTH_MAX_PAYLOAD`] bytes; the
+//! HELLO may carry at most [`PREAUTH_MAX_PAYLOAD`] bytes; the
 //! whole handshake must finish within its deadline however slowly the
 //! bytes trickle in; at most [`MAX_PENDING`] handshakes wait at once
 //! ([`MAX_PENDING_PER_SOURCE`] from one address), and a new arrival
@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::auth::{self, SessionKeys};
+use crate::auth;
+use crate::channel::{self, Channel, HandshakeError};
 use crate::wire::{read_msg_bounded, write_msg, ErrorCode, Msg, Role, WireError, HEADER_LEN};
 
-/// The largest payload a frame may carry before AUTH succeeds: a HELLO
-/// with the longest VM name is 99 bytes.
+/// The largest payload HELLO may carry: with the longest VM name and
+/// the Noise message it is 115 bytes.
 pub const PREAUTH_MAX_PAYLOAD: u32 = 128;
 /// How long a client has for the whole handshake.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
@@ -60,40 +61,15 @@ impl<T: KeyRing + ?Sized> KeyRing for std::sync::Arc<T> {
 pub struct Admitted {
     /// Its role.
     pub role: Role,
-    /// The connection's frame keys (every later frame is tagged).
-    pub keys: SessionKeys,
+    /// The connection's encrypted channel (every later frame).
+    pub channel: Channel,
 }
 
-/// One handshake, fed whole frames.
-#[derive(Debug)]
-pub enum Handshake {
-    /// Waiting for HELLO.
-    Hello,
-    /// CHALLENGE sent, waiting for AUTH.
-    Auth {
-        /// The key proofs are checked against (random if the VM or role
-        /// is unknown: a prober learns nothing before AUTH).
-        key: Vec<u8>,
-        /// Whether `key` is real.
-        known: bool,
-        /// What HELLO said.
-        role: Role,
-        /// The VM HELLO named.
-        vm: String,
-        /// HELLO's nonce.
-        client_nonce: [u8; crate::wire::NONCE_LEN],
-        /// CHALLENGE's nonce.
-        server_nonce: [u8; crate::wire::NONCE_LEN],
-    },
-}
-
-/// What a handshake does after a frame.
+/// What the agent does with a HELLO.
 #[derive(Debug)]
 pub enum Step {
-    /// Send this and wait for the next frame.
-    Reply(Msg),
-    /// Authenticated.
-    Admit(Admitted),
+    /// Send this ACCEPT, then serve the monitor.
+    Admit(Msg, Box<Admitted>),
     /// Send this refusal and close.
     Refuse(Msg, Refused),
 }
@@ -103,78 +79,55 @@ pub enum Step {
 pub enum Refused {
     /// Not the frame the handshake expected.
     Protocol,
-    /// A wrong proof, an unknown VM or a disabled role.
+    /// A wrong key, an unknown VM or a disabled role.
     Auth,
+    /// The agent could not run the handshake (no randomness).
+    Internal,
 }
 
-impl Handshake {
-    /// Feeds the next frame.
-    pub fn step(&mut self, keys: &dyn KeyRing, msg: Msg) -> Step {
-        match (std::mem::replace(self, Self::Hello), msg) {
-            (
-                Self::Hello,
-                Msg::Hello {
-                    vm,
-                    role,
-                    client_nonce,
-                },
-            ) => {
-                let key = if vm == keys.vm() {
-                    keys.key(role)
-                } else {
-                    None
-                };
-                let known = key.is_some();
-                let key = key.unwrap_or_else(|| auth::nonce().to_vec());
-                let server_nonce = auth::nonce();
-                let server_proof = auth::agent_proof(&key, &client_nonce, &server_nonce, role, &vm);
-                *self = Self::Auth {
-                    key,
-                    known,
-                    role,
-                    vm,
-                    client_nonce,
-                    server_nonce,
-                };
-                Step::Reply(Msg::Challenge {
-                    server_nonce,
-                    server_proof,
-                })
-            }
-            (
-                Self::Auth {
-                    key,
-                    known,
-                    role,
-                    vm,
-                    client_nonce,
-                    server_nonce,
-                },
-                Msg::Auth { mac },
-            ) => {
-                let expected = auth::monitor_proof(&key, &client_nonce, &server_nonce, role, &vm);
-                if known && auth::proofs_equal(&mac, &expected) {
-                    Step::Admit(Admitted {
-                        role,
-                        keys: auth::session_keys(&key, &client_nonce, &server_nonce, role, &vm),
-                    })
-                } else {
-                    Step::Refuse(
-                        error(ErrorCode::AuthFailed, "authentication failed"),
-                        Refused::Auth,
-                    )
-                }
-            }
-            (Self::Hello, _) => Step::Refuse(
-                error(ErrorCode::BadRequest, "expected HELLO"),
-                Refused::Protocol,
-            ),
-            (Self::Auth { .. }, _) => Step::Refuse(
-                error(ErrorCode::AuthFailed, "authentication failed"),
-                Refused::Auth,
-            ),
+/// Answers a client's first frame.
+pub fn hello(keys: &dyn KeyRing, msg: Msg) -> Step {
+    let Msg::Hello { vm, role, noise } = msg else {
+        return Step::Refuse(
+            error(ErrorCode::BadRequest, "expected HELLO"),
+            Refused::Protocol,
+        );
+    };
+    let key = if vm == keys.vm() {
+        keys.key(role)
+    } else {
+        None
+    };
+    // An unknown VM or role runs the handshake with a random key, so it
+    // fails as a wrong key does: a prober learns nothing it should not.
+    let key = match key {
+        Some(k) => k,
+        None => match auth::random_key() {
+            Ok(k) => k.to_vec(),
+            Err(_) => return internal(),
+        },
+    };
+    match channel::respond(&key, &vm, role, &noise) {
+        Ok((channel, accept)) => Step::Admit(
+            Msg::Accept { noise: accept },
+            Box::new(Admitted { role, channel }),
+        ),
+        Err(HandshakeError::NotAuthentic) => Step::Refuse(
+            error(ErrorCode::AuthFailed, "authentication failed: not the key of this role of this VM"),
+            Refused::Auth,
+        ),
+        Err(HandshakeError::Noise(e)) => {
+            tracing::debug!("agent: noise handshake: {e}");
+            internal()
         }
     }
+}
+
+fn internal() -> Step {
+    Step::Refuse(
+        error(ErrorCode::Internal, "the agent cannot run a handshake now"),
+        Refused::Internal,
+    )
 }
 
 fn error(code: ErrorCode, message: &str) -> Msg {
@@ -191,20 +144,14 @@ pub fn authenticate(
     r: &mut impl Read,
     w: &mut impl Write,
 ) -> Result<Option<Admitted>, WireError> {
-    let mut hs = Handshake::Hello;
-    loop {
-        let (_, msg) = read_msg_bounded(r, PREAUTH_MAX_PAYLOAD)?;
-        match hs.step(keys, msg) {
-            Step::Reply(m) => write_msg(w, 0, &m)?,
-            Step::Admit(a) => return Ok(Some(a)),
-            Step::Refuse(m, _) => {
-                write_msg(w, 0, &m)?;
-                w.flush()?;
-                return Ok(None);
-            }
-        }
-        w.flush()?;
-    }
+    let (_, msg) = read_msg_bounded(r, PREAUTH_MAX_PAYLOAD)?;
+    let (reply, admitted) = match hello(keys, msg) {
+        Step::Admit(m, a) => (m, Some(*a)),
+        Step::Refuse(m, _) => (m, None),
+    };
+    write_msg(w, 0, &reply)?;
+    w.flush()?;
+    Ok(admitted)
 }
 
 /// Where the gate sends an admitted monitor: its own connection thread.
@@ -219,13 +166,12 @@ struct Pending {
     peer: SocketAddr,
     deadline: Instant,
     buf: Vec<u8>,
-    hs: Handshake,
 }
 
 /// Counts of what the gate refused since its last summary line.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GateCounts {
-    /// Wrong proofs, unknown VMs, disabled roles.
+    /// Wrong keys, unknown VMs, disabled roles.
     pub auth_failed: u64,
     /// Frames that were not the expected ones, or too large.
     pub malformed: u64,
@@ -237,6 +183,8 @@ pub struct GateCounts {
     pub no_fds: u64,
     /// Other failed accepts.
     pub accept_failed: u64,
+    /// Handshakes the agent could not run (no randomness).
+    pub internal: u64,
 }
 
 impl GateCounts {
@@ -391,7 +339,6 @@ impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
                 peer,
                 deadline: Instant::now() + self.deadline,
                 buf: Vec::new(),
-                hs: Handshake::Hello,
             },
         );
     }
@@ -463,60 +410,44 @@ impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
             Err(_) => return self.end(fd, ops),
         };
         p.buf.extend_from_slice(&chunk[..n]);
-        loop {
-            let Some(p) = self.pending.get_mut(&fd) else {
-                return;
-            };
-            let need = match frame_len(&p.buf) {
-                Ok(Some(need)) => need,
-                Ok(None) => return, // more bytes to come
-                Err(()) => {
-                    self.counts.malformed += 1;
-                    return self.refuse(
-                        fd,
-                        &error(ErrorCode::BadRequest, "bad handshake frame"),
-                        ops,
-                    );
+        let need = match frame_len(&p.buf) {
+            Ok(Some(need)) => need,
+            Ok(None) => return, // more bytes to come
+            Err(()) => return self.refuse_malformed(fd, ops),
+        };
+        let msg = match read_msg_bounded(&mut &p.buf[..need], PREAUTH_MAX_PAYLOAD) {
+            // The client waits for ACCEPT: nothing may follow HELLO.
+            Ok((_, m)) if p.buf.len() == need => m,
+            _ => return self.refuse_malformed(fd, ops),
+        };
+        match hello(&self.keys, msg) {
+            Step::Admit(accept, admitted) => {
+                let Some(mut p) = self.take(fd, ops) else {
+                    return;
+                };
+                if !send_now(&mut p.stream, &accept) || p.stream.set_nonblocking(false).is_err() {
+                    return;
                 }
-            };
-            let frame: Vec<u8> = p.buf.drain(..need).collect();
-            let msg = match read_msg_bounded(&mut frame.as_slice(), PREAUTH_MAX_PAYLOAD) {
-                Ok((_, m)) => m,
-                Err(_) => {
-                    self.counts.malformed += 1;
-                    return self.refuse(
-                        fd,
-                        &error(ErrorCode::BadRequest, "bad handshake frame"),
-                        ops,
-                    );
+                self.admit.admit(p.stream, p.peer, *admitted);
+            }
+            Step::Refuse(m, why) => {
+                match why {
+                    Refused::Auth => self.counts.auth_failed += 1,
+                    Refused::Protocol => self.counts.malformed += 1,
+                    Refused::Internal => self.counts.internal += 1,
                 }
-            };
-            match p.hs.step(&self.keys, msg) {
-                Step::Reply(m) => {
-                    if !send_now(&mut p.stream, &m) {
-                        return self.end(fd, ops);
-                    }
-                }
-                Step::Admit(admitted) => {
-                    let Some(p) = self.take(fd, ops) else {
-                        return;
-                    };
-                    // The client waits for WELCOME: nothing may follow AUTH.
-                    if !p.buf.is_empty() || p.stream.set_nonblocking(false).is_err() {
-                        self.counts.malformed += 1;
-                        return;
-                    }
-                    return self.admit.admit(p.stream, p.peer, admitted);
-                }
-                Step::Refuse(m, why) => {
-                    match why {
-                        Refused::Auth => self.counts.auth_failed += 1,
-                        Refused::Protocol => self.counts.malformed += 1,
-                    }
-                    return self.refuse(fd, &m, ops);
-                }
+                self.refuse(fd, &m, ops);
             }
         }
+    }
+
+    fn refuse_malformed(&mut self, fd: u32, ops: &mut EventOps) {
+        self.counts.malformed += 1;
+        self.refuse(
+            fd,
+            &error(ErrorCode::BadRequest, "bad handshake frame"),
+            ops,
+        );
     }
 
     fn refuse(&mut self, fd: u32, m: &Msg, ops: &mut EventOps) {
@@ -559,6 +490,7 @@ impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
                 evicted = c.evicted,
                 out_of_fds = c.no_fds,
                 accept_failed = c.accept_failed,
+                internal = c.internal,
                 pending = self.pending.len(),
                 "agent: handshakes refused in the last {} s",
                 now.duration_since(self.last_log).as_secs()
@@ -569,6 +501,7 @@ impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
             self.total.evicted += c.evicted;
             self.total.no_fds += c.no_fds;
             self.total.accept_failed += c.accept_failed;
+            self.total.internal += c.internal;
             self.counts = GateCounts::default();
             self.last_log = now;
         }
@@ -676,30 +609,22 @@ mod tests {
 
     /// Runs a handshake as a monitor with `key` would, for `vm` and `role`.
     fn attempt(vm: &str, role: Role, key: &[u8]) -> Step {
-        let mut hs = Handshake::Hello;
-        let client_nonce = [4u8; 32];
-        let Step::Reply(Msg::Challenge { server_nonce, .. }) = hs.step(
+        let (_, noise) = channel::Initiator::start(key, vm, role).unwrap();
+        hello(
             &OneKey,
             Msg::Hello {
                 vm: vm.into(),
                 role,
-                client_nonce,
+                noise,
             },
-        ) else {
-            panic!("no challenge");
-        };
-        let mac = auth::monitor_proof(key, &client_nonce, &server_nonce, role, vm);
-        hs.step(&OneKey, Msg::Auth { mac })
+        )
     }
 
     #[test]
     fn only_the_right_key_for_the_right_vm_and_role_is_admitted() {
         assert!(matches!(
             attempt("vm1", Role::Read, b"read-key-16-byte"),
-            Step::Admit(Admitted {
-                role: Role::Read,
-                ..
-            })
+            Step::Admit(Msg::Accept { .. }, a) if a.role == Role::Read
         ));
         for (vm, role, key) in [
             ("vm1", Role::Read, &b"wrong-key-16-byt"[..]),
@@ -711,9 +636,8 @@ mod tests {
                 "{vm} {role:?}"
             );
         }
-        let mut hs = Handshake::Hello;
         assert!(matches!(
-            hs.step(&OneKey, Msg::Auth { mac: [0; 32] }),
+            hello(&OneKey, Msg::Describe),
             Step::Refuse(_, Refused::Protocol)
         ));
     }
@@ -727,7 +651,7 @@ mod tests {
             &Msg::Hello {
                 vm: "v".repeat(crate::wire::MAX_NAME),
                 role: Role::Read,
-                client_nonce: [0; 32],
+                noise: vec![0; channel::HANDSHAKE_MSG_LEN],
             },
         )
         .unwrap();

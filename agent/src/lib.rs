@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod channel;
 pub mod client;
 pub mod descriptor;
 pub mod doctor;

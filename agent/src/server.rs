@@ -2,7 +2,7 @@
 //! for every pending handshake) and serves the soft backend's one-sided
 //! operations to each authenticated one on a thread of its own (and hands
 //! out RDMA endpoints when the verbs backend is available). Every frame
-//! after the handshake is tagged (wire.rs, `FrameKey`); a bad request gets
+//! after the handshake is encrypted (`channel.rs`); a bad request gets
 //! an error reply or a closed connection, and never affects the guest or
 //! other monitors.
 
@@ -20,10 +20,7 @@ use crate::auth::{KeyFile, Keys};
 use crate::descriptor::{DescriptorSource, PublicDescriptor, VcpuSource};
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{self, Admit, Admitted, Gate, KeyRing, HANDSHAKE_DEADLINE};
-use crate::wire::{
-    read_sealed, spin_until_readable, write_msg, write_sealed, ErrorCode, Msg, Role, WireError,
-    MAX_READ,
-};
+use crate::wire::{spin_until_readable, ErrorCode, Msg, Role, WireError, MAX_READ};
 
 /// Default bound on concurrent authenticated monitors (clients still in
 /// their handshake are bounded apart, in `handshake.rs`).
@@ -189,19 +186,13 @@ impl Agent {
         peer: SocketAddr,
         admitted: Admitted,
     ) -> Result<(), WireError> {
-        let Admitted { role, keys } = admitted;
-        let (mut recv_key, mut send_key) = (keys.monitor_to_agent, keys.agent_to_monitor);
+        let Admitted { role, mut channel } = admitted;
         stream.set_read_timeout(Some(self.idle_timeout))?;
         stream.set_write_timeout(Some(self.idle_timeout))?;
         let mut r = BufReader::new(stream.try_clone()?);
         let mut w = BufWriter::new(stream.try_clone()?);
         tracing::info!(%peer, role = role.name(), "agent: monitor authenticated");
-        write_sealed(
-            &mut w,
-            0,
-            &Msg::Welcome(self.public_descriptor(role)),
-            &mut send_key,
-        )?;
+        channel.send(&mut w, 0, &Msg::Welcome(self.public_descriptor(role)))?;
         w.flush()?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         // This connection's RDMA queue pair and MRs: gone when it ends.
@@ -210,7 +201,7 @@ impl Agent {
             if r.buffer().is_empty() {
                 spin_until_readable(fd, self.busy_poll);
             }
-            let (id, msg) = match read_sealed(&mut r, &mut recv_key) {
+            let (id, msg) = match channel.recv(&mut r) {
                 Ok(m) => m,
                 Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(())
@@ -232,12 +223,7 @@ impl Agent {
                 }
                 Err(e @ (WireError::Malformed(_) | WireError::TooLarge(_))) => {
                     tracing::warn!(%peer, "agent: malformed request, closing: {e}");
-                    let _ = write_sealed(
-                        &mut w,
-                        0,
-                        &error(ErrorCode::BadRequest, e.to_string()),
-                        &mut send_key,
-                    );
+                    let _ = channel.send(&mut w, 0, &error(ErrorCode::BadRequest, e.to_string()));
                     let _ = w.flush();
                     return Err(e);
                 }
@@ -249,7 +235,7 @@ impl Agent {
                     error(code, message)
                 },
             );
-            write_sealed(&mut w, id, &reply, &mut send_key)?;
+            channel.send(&mut w, id, &reply)?;
             w.flush()?;
         }
     }
@@ -460,8 +446,10 @@ impl Admit for Arc<Agent> {
         if self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
             self.connections.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(%peer, "agent: refusing a monitor beyond {} connections", self.max_connections);
+            // Past ACCEPT, so the refusal is encrypted like any reply.
             let mut s = stream;
-            let _ = write_msg(
+            let mut channel = admitted.channel;
+            let _ = channel.send(
                 &mut s,
                 0,
                 &error(ErrorCode::Busy, "too many monitors connected".into()),

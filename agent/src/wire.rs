@@ -1,18 +1,19 @@
-//! Wire protocol v2 between remote monitors and the agent: the control
-//! channel (hello, mutual HMAC authentication, descriptor) and the soft
+//! Wire protocol v3 between remote monitors and the agent: the control
+//! channel (hello, the Noise handshake, descriptor) and the soft
 //! backend's one-sided operations. docs/wire.md describes it for people.
 //!
 //! Every frame is a 16-byte header then a payload of at most
-//! [`MAX_PAYLOAD`] bytes; after the handshake each frame is followed by a
-//! [`TAG_LEN`]-byte tag ([`FrameKey`]). Decoding never trusts a length:
-//! every field is bounds-checked and a bad frame is an error, never a panic.
+//! [`MAX_PAYLOAD`] bytes. HELLO and the agent's answer travel in the
+//! clear; every later frame travels encrypted (`channel.rs`). Decoding
+//! never trusts a length: every field is bounds-checked and a bad frame
+//! is an error, never a panic.
 
 use std::io::{self, Read, Write};
 
 /// "BDW1" in memory order.
 pub const MAGIC: u32 = 0x3157_4442;
-/// Protocol version: 2 tags every frame after the handshake.
-pub const VERSION: u8 = 2;
+/// Protocol version: 3 encrypts every frame after the handshake (Noise).
+pub const VERSION: u8 = 3;
 /// Header bytes.
 pub const HEADER_LEN: usize = 16;
 /// Largest READ, and largest total of one READ_BATCH.
@@ -25,8 +26,8 @@ pub const MAX_BATCH: u32 = 1024;
 pub const MAX_PAYLOAD: u32 = MAX_READ + 4096;
 /// Longest VM name.
 pub const MAX_NAME: usize = 64;
-/// Nonce and MAC size.
-pub const NONCE_LEN: usize = 32;
+/// Longest Noise handshake message HELLO or ACCEPT may carry.
+pub const MAX_HANDSHAKE_MSG: usize = 64;
 
 /// Errors decoding or exchanging frames.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +41,12 @@ pub enum WireError {
     /// A frame larger than the protocol allows (or than the handshake needs).
     #[error("frame of {0} bytes is larger than allowed here")]
     TooLarge(u32),
-    /// A frame whose tag does not match: altered, replayed, reordered or
-    /// dropped between monitor and agent. The connection is unusable.
-    #[error("a frame failed its integrity check (altered, replayed or reordered on the way)")]
+    /// A frame that does not open under the connection's keys: altered,
+    /// replayed, reordered, dropped or injected between monitor and agent.
+    /// The connection is unusable.
+    #[error(
+        "a frame failed its integrity check (altered, replayed, reordered or injected on the way)"
+    )]
     Integrity,
 }
 
@@ -147,28 +151,23 @@ pub struct BatchEntry {
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    /// Client → agent: who I am and what I want to be.
+    /// Client → agent, in the clear: who I am, what I want to be, and
+    /// the first Noise handshake message (`channel.rs`).
     Hello {
         /// The VM to monitor.
         vm: String,
         /// Requested role.
         role: Role,
-        /// Fresh random bytes (the agent proves it knows the key over them).
-        client_nonce: [u8; NONCE_LEN],
+        /// Noise `-> psk, e`: opens only under the role's key.
+        noise: Vec<u8>,
     },
-    /// Agent → client: its nonce and its proof of knowing the key.
-    Challenge {
-        /// Fresh random bytes the client must MAC.
-        server_nonce: [u8; NONCE_LEN],
-        /// HMAC proving the agent holds the key.
-        server_proof: [u8; NONCE_LEN],
+    /// Agent → client, in the clear: the second Noise handshake message
+    /// (`<- e, ee`), which opens only if the agent holds the key.
+    Accept {
+        /// Noise `<- e, ee`.
+        noise: Vec<u8>,
     },
-    /// Client → agent: the client's proof.
-    Auth {
-        /// HMAC over the transcript.
-        mac: [u8; NONCE_LEN],
-    },
-    /// Agent → client: authenticated; the descriptor as JSON.
+    /// Agent → client, the first encrypted frame: the descriptor as JSON.
     Welcome(Vec<u8>),
     /// Either way: a refused request (the connection stays usable unless said otherwise).
     Error {
@@ -253,13 +252,12 @@ pub enum Msg {
 }
 
 impl Msg {
-    fn kind(&self) -> u8 {
+    pub(crate) fn kind(&self) -> u8 {
         match self {
             Self::Hello { .. } => 1,
-            Self::Challenge { .. } => 2,
-            Self::Auth { .. } => 3,
+            Self::Accept { .. } => 2,
             Self::Welcome(_) => 4,
-            Self::Error { .. } => ERROR_KIND,
+            Self::Error { .. } => 5,
             Self::Describe => 6,
             Self::Descriptor(_) => 7,
             Self::Read { .. } => 8,
@@ -282,23 +280,12 @@ impl Msg {
     pub fn payload(&self) -> Vec<u8> {
         let mut p = Vec::new();
         match self {
-            Self::Hello {
-                vm,
-                role,
-                client_nonce,
-            } => {
+            Self::Hello { vm, role, noise } => {
                 p.push(*role as u8);
-                p.extend_from_slice(client_nonce);
                 put_str(&mut p, vm);
+                p.extend_from_slice(noise);
             }
-            Self::Challenge {
-                server_nonce,
-                server_proof,
-            } => {
-                p.extend_from_slice(server_nonce);
-                p.extend_from_slice(server_proof);
-            }
-            Self::Auth { mac } => p.extend_from_slice(mac),
+            Self::Accept { noise } => p.extend_from_slice(noise),
             Self::Welcome(b)
             | Self::Descriptor(b)
             | Self::ReadOk(b)
@@ -396,19 +383,16 @@ impl Msg {
                 let role = c.u8()?;
                 let role = Role::from_u8(role)
                     .ok_or_else(|| WireError::Malformed(format!("unknown role {role}")))?;
-                let client_nonce = c.array()?;
                 let vm = c.string(MAX_NAME)?;
                 Self::Hello {
                     vm,
                     role,
-                    client_nonce,
+                    noise: c.handshake_msg()?,
                 }
             }
-            2 => Self::Challenge {
-                server_nonce: c.array()?,
-                server_proof: c.array()?,
+            2 => Self::Accept {
+                noise: c.handshake_msg()?,
             },
-            3 => Self::Auth { mac: c.array()? },
             4 => Self::Welcome(c.rest()),
             5 => {
                 let code = c.u16()?;
@@ -532,11 +516,20 @@ impl Cursor<'_> {
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.0).to_vec()
     }
+    fn handshake_msg(&mut self) -> Result<Vec<u8>, WireError> {
+        if self.0.len() > MAX_HANDSHAKE_MSG {
+            return malformed(format!(
+                "handshake message of {} bytes exceeds {MAX_HANDSHAKE_MSG}",
+                self.0.len()
+            ));
+        }
+        Ok(self.rest())
+    }
 }
 
 /// The payload bytes of `msg`: bulk replies straight from their buffer,
 /// not re-encoded.
-fn payload_bytes(msg: &Msg) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn payload_bytes(msg: &Msg) -> std::borrow::Cow<'_, [u8]> {
     match msg {
         Msg::ReadOk(b) | Msg::ReadBatchOk(b) => std::borrow::Cow::Borrowed(b),
         _ => std::borrow::Cow::Owned(msg.payload()),
@@ -544,7 +537,7 @@ fn payload_bytes(msg: &Msg) -> std::borrow::Cow<'_, [u8]> {
 }
 
 /// The header of a frame of `kind` carrying `len` payload bytes.
-fn header(kind: u8, request_id: u32, len: usize) -> Result<[u8; HEADER_LEN], WireError> {
+pub(crate) fn header(kind: u8, request_id: u32, len: usize) -> Result<[u8; HEADER_LEN], WireError> {
     let len = u32::try_from(len).map_err(|_| WireError::TooLarge(u32::MAX))?;
     if len > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
@@ -566,48 +559,20 @@ pub fn write_msg(w: &mut impl Write, request_id: u32, msg: &Msg) -> Result<(), W
     Ok(())
 }
 
-/// Writes one frame followed by its tag under `key` (every frame after
-/// the handshake, docs/wire.md "Frame authentication").
-pub fn write_sealed(
-    w: &mut impl Write,
-    request_id: u32,
-    msg: &Msg,
-    key: &mut FrameKey,
-) -> Result<(), WireError> {
-    let payload = payload_bytes(msg);
-    let h = header(msg.kind(), request_id, payload.len())?;
-    let tag = key.tag(&h, &payload);
-    w.write_all(&h)?;
-    w.write_all(&payload)?;
-    w.write_all(&tag)?;
-    Ok(())
-}
-
 /// Reads one frame's header and payload; `max` bounds the payload (a
 /// frame from a peer not yet authenticated gets far less than
 /// [`MAX_PAYLOAD`]).
 fn read_frame(r: &mut impl Read, max: u32) -> Result<([u8; HEADER_LEN], Vec<u8>), WireError> {
-    let h = read_header(r, max)?;
-    let payload = read_payload(r, &h)?;
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)?;
+    let mut payload = vec![0u8; check_header(&h, max)?];
+    r.read_exact(&mut payload)?;
     Ok((h, payload))
 }
 
-/// The payload length header `h` announces (checked by [`read_header`]).
-fn payload_len(h: &[u8; HEADER_LEN]) -> usize {
-    u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize
-}
-
-/// Reads the untagged payload that header `h` announces.
-fn read_payload(r: &mut impl Read, h: &[u8; HEADER_LEN]) -> Result<Vec<u8>, WireError> {
-    let mut payload = vec![0u8; payload_len(h)];
-    r.read_exact(&mut payload)?;
-    Ok(payload)
-}
-
-/// Reads and checks a frame header whose payload may be at most `max`.
-fn read_header(r: &mut impl Read, max: u32) -> Result<[u8; HEADER_LEN], WireError> {
-    let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h)?;
+/// Checks a frame header whose payload may be at most `max`; returns the
+/// payload length it announces.
+pub(crate) fn check_header(h: &[u8; HEADER_LEN], max: u32) -> Result<usize, WireError> {
     let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
     if magic != MAGIC {
         return malformed(format!("bad magic {magic:#x}"));
@@ -622,10 +587,13 @@ fn read_header(r: &mut impl Read, max: u32) -> Result<[u8; HEADER_LEN], WireErro
     if len > max {
         return Err(WireError::TooLarge(len));
     }
-    Ok(h)
+    Ok(len as usize)
 }
 
-fn decode_frame(h: &[u8; HEADER_LEN], payload: Vec<u8>) -> Result<(u32, Msg), WireError> {
+pub(crate) fn decode_frame(
+    h: &[u8; HEADER_LEN],
+    payload: Vec<u8>,
+) -> Result<(u32, Msg), WireError> {
     let request_id = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     Ok((request_id, Msg::decode_owned(h[5], payload)?))
 }
@@ -639,114 +607,6 @@ pub fn read_msg(r: &mut impl Read) -> Result<(u32, Msg), WireError> {
 pub fn read_msg_bounded(r: &mut impl Read, max: u32) -> Result<(u32, Msg), WireError> {
     let (h, payload) = read_frame(r, max)?;
     decode_frame(&h, payload)
-}
-
-/// Reads one frame and its tag, and checks the tag under `key` before
-/// decoding anything: a frame that was altered, replayed, reordered or
-/// dropped on the way fails with [`WireError::Integrity`].
-pub fn read_sealed(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
-    let h = read_header(r, MAX_PAYLOAD)?;
-    let payload = read_tagged_payload(r, &h, key)?;
-    decode_frame(&h, payload)
-}
-
-/// Reads the payload that header `h` announces and its tag, and checks
-/// the tag: the payload is hashed as it arrives, a chunk at a time while
-/// it is in cache.
-fn read_tagged_payload(
-    r: &mut impl Read,
-    h: &[u8; HEADER_LEN],
-    key: &mut FrameKey,
-) -> Result<Vec<u8>, WireError> {
-    let mut m = key.hasher(h);
-    let mut payload = vec![0u8; payload_len(h)];
-    for chunk in payload.chunks_mut(TAG_CHUNK) {
-        r.read_exact(chunk)?;
-        m.update(chunk);
-    }
-    let mut tag = [0u8; TAG_LEN];
-    r.read_exact(&mut tag)?;
-    // blake3::Hash compares in constant time.
-    if m.finalize() != blake3::Hash::from_bytes(tag) {
-        return Err(WireError::Integrity);
-    }
-    Ok(payload)
-}
-
-/// How much of a payload is read and hashed at a time.
-const TAG_CHUNK: usize = 64 << 10;
-
-/// Reads the agent's answer to AUTH: WELCOME, the first tagged frame, or
-/// a refusal, which comes untagged (the agent derives no keys for a
-/// monitor it refuses; a forged refusal can only do what cutting the
-/// connection does).
-pub fn read_welcome(r: &mut impl Read, key: &mut FrameKey) -> Result<(u32, Msg), WireError> {
-    let h = read_header(r, MAX_PAYLOAD)?;
-    let payload = if h[5] == ERROR_KIND {
-        read_payload(r, &h)?
-    } else {
-        read_tagged_payload(r, &h, key)?
-    };
-    decode_frame(&h, payload)
-}
-
-/// The message type of ERROR.
-const ERROR_KIND: u8 = 5;
-
-/// Bytes of the tag that follows every frame after the handshake.
-pub const TAG_LEN: usize = 32;
-
-/// One direction's frame key and sequence number. Each connection has two
-/// (monitor → agent, agent → monitor), derived from the handshake
-/// ([`crate::auth::session_keys`]); the sequence number is implicit, so a
-/// replayed, reordered or dropped frame fails the next check.
-pub struct FrameKey {
-    key: [u8; 32],
-    seq: u64,
-}
-
-impl std::fmt::Debug for FrameKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameKey")
-            .field("seq", &self.seq)
-            .finish_non_exhaustive()
-    }
-}
-
-impl FrameKey {
-    /// A key whose first frame has sequence number 0.
-    pub fn new(key: [u8; 32]) -> Self {
-        Self { key, seq: 0 }
-    }
-
-    /// The next frame's tag: keyed BLAKE3 over its sequence number, header
-    /// and payload (keyed BLAKE3 is a MAC, and several times faster than
-    /// HMAC-SHA256 on bulk replies).
-    fn tag(&mut self, h: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; TAG_LEN] {
-        let mut m = self.hasher(h);
-        m.update(payload);
-        *m.finalize().as_bytes()
-    }
-
-    /// A MAC over the next frame's sequence number and `h`, for its
-    /// payload to follow (and moves on to the next sequence number).
-    fn hasher(&mut self, h: &[u8; HEADER_LEN]) -> blake3::Hasher {
-        let mut m = blake3::Hasher::new_keyed(&self.key);
-        m.update(&self.seq.to_le_bytes());
-        m.update(h);
-        self.seq += 1;
-        m
-    }
-
-    /// Seals raw frame bytes (a header and its payload, as read from
-    /// `frame`) for tools and fuzz targets that script an agent.
-    pub fn seal_raw(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
-        let h: [u8; HEADER_LEN] = frame.get(..HEADER_LEN)?.try_into().ok()?;
-        let tag = self.tag(&h, &frame[HEADER_LEN..]);
-        let mut out = frame.to_vec();
-        out.extend_from_slice(&tag);
-        Some(out)
-    }
 }
 
 /// Spins for up to `window` until `fd` has data to read (or is closed),
@@ -788,52 +648,6 @@ pub fn spin_until_readable(fd: std::os::fd::RawFd, window: std::time::Duration) 
 mod tests {
     use super::*;
 
-    fn sealed(key: &mut FrameKey, id: u32, m: &Msg) -> Vec<u8> {
-        let mut buf = Vec::new();
-        write_sealed(&mut buf, id, m, key).unwrap();
-        buf
-    }
-
-    #[test]
-    fn a_tagged_frame_fails_if_any_bit_changes_or_it_comes_again_or_out_of_order() {
-        let k = [9u8; 32];
-        let (mut tx, mut rx) = (FrameKey::new(k), FrameKey::new(k));
-        let first = sealed(&mut tx, 1, &Msg::ReadOk(vec![1, 2, 3, 4, 5, 6, 7, 8]));
-        let second = sealed(&mut tx, 2, &Msg::AtomicOk(7));
-        assert_eq!(
-            read_sealed(&mut first.as_slice(), &mut rx).unwrap(),
-            (1, Msg::ReadOk(vec![1, 2, 3, 4, 5, 6, 7, 8]))
-        );
-        // Every single-bit change of the next frame is caught.
-        for bit in 0..second.len() * 8 {
-            let mut bad = second.clone();
-            bad[bit / 8] ^= 1 << (bit % 8);
-            let mut probe = FrameKey { key: k, seq: 1 };
-            assert!(
-                read_sealed(&mut bad.as_slice(), &mut probe).is_err(),
-                "bit {bit} flipped unnoticed"
-            );
-        }
-        // The first frame again (a replay) where the second is due.
-        let mut probe = FrameKey { key: k, seq: 1 };
-        assert!(matches!(
-            read_sealed(&mut first.as_slice(), &mut probe),
-            Err(WireError::Integrity)
-        ));
-        // A frame under another key (the other direction, another connection).
-        let mut other = FrameKey::new([8u8; 32]);
-        let foreign = sealed(&mut other, 2, &Msg::AtomicOk(7));
-        let mut probe = FrameKey { key: k, seq: 1 };
-        assert!(matches!(
-            read_sealed(&mut foreign.as_slice(), &mut probe),
-            Err(WireError::Integrity)
-        ));
-        assert_eq!(
-            read_sealed(&mut second.as_slice(), &mut rx).unwrap(),
-            (2, Msg::AtomicOk(7))
-        );
-    }
-
     fn round_trip(m: Msg) {
         let mut buf = Vec::new();
         write_msg(&mut buf, 77, &m).unwrap();
@@ -846,13 +660,9 @@ mod tests {
         round_trip(Msg::Hello {
             vm: "vm1".into(),
             role: Role::Repair,
-            client_nonce: [7; 32],
+            noise: vec![7; 48],
         });
-        round_trip(Msg::Challenge {
-            server_nonce: [1; 32],
-            server_proof: [2; 32],
-        });
-        round_trip(Msg::Auth { mac: [3; 32] });
+        round_trip(Msg::Accept { noise: vec![1; 48] });
         round_trip(Msg::Error {
             code: ErrorCode::OutOfBounds,
             message: "offset 9 is past the hook".into(),
@@ -941,5 +751,9 @@ mod tests {
         trailing.push(0);
         assert!(Msg::decode(6, &trailing).is_err());
         assert!(Msg::decode(1, &[9]).is_err(), "unknown role");
+        assert!(
+            Msg::decode(2, &[0; MAX_HANDSHAKE_MSG + 1]).is_err(),
+            "an oversized handshake message"
+        );
     }
 }

@@ -1,7 +1,7 @@
-//! The agent against hostile networks (docs/wire.md "Frame
-//! authentication" and "Admission"): a relay between monitor and agent
-//! that alters, replays or injects frames gets nothing accepted and
-//! changes no guest byte; strangers holding sockets open, trickling bytes
+//! The agent against hostile networks (docs/wire.md "The encrypted
+//! channel" and "Admission"): a relay between monitor and agent that
+//! alters, replays or injects records gets nothing accepted and changes no
+//! guest byte, and sees no guest byte in the clear; strangers holding sockets open, trickling bytes
 //! or claiming huge frames neither lock a monitor out nor keep their
 //! sockets past the handshake deadline; an idle monitor gives its slot
 //! back.
@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backdoor_agent::wire::{read_msg, write_msg, Msg, WireError, HEADER_LEN, NONCE_LEN, TAG_LEN};
+use backdoor_agent::channel::{Initiator, AEAD_TAG};
+use backdoor_agent::wire::{read_msg, write_msg, Msg, WireError, HEADER_LEN, VERSION};
 use backdoor_agent::{ClientError, ErrorCode, Role};
 use common::{client, fake_guest, pattern, serve, PROGRESS, REPAIR};
 
@@ -26,25 +27,36 @@ fn pass() -> Tamper {
     Box::new(|_, _, f| f)
 }
 
-/// Frames before the tagged ones: HELLO and AUTH from the monitor,
-/// CHALLENGE from the agent.
-const UNTAGGED_REQUESTS: usize = 2;
-const UNTAGGED_REPLIES: usize = 1;
-
-/// Reads one whole frame (with its tag where one follows) from `r`.
-fn frame(r: &mut TcpStream, tagged: bool) -> Option<Vec<u8>> {
+/// Reads one cleartext handshake frame (HELLO, ACCEPT) from `r`.
+fn frame(r: &mut TcpStream) -> Option<Vec<u8>> {
     let mut f = vec![0u8; HEADER_LEN];
     r.read_exact(&mut f).ok()?;
     let len = u32::from_le_bytes(f[12..16].try_into().unwrap()) as usize;
-    let rest = len + if tagged { TAG_LEN } else { 0 };
-    f.resize(HEADER_LEN + rest, 0);
+    f.resize(HEADER_LEN + len, 0);
     r.read_exact(&mut f[HEADER_LEN..]).ok()?;
     Some(f)
 }
 
-fn relay_direction(mut from: TcpStream, mut to: TcpStream, untagged: usize, tamper: Tamper) {
+/// Reads one encrypted record (its 2-byte length and ciphertext); every
+/// small frame is one record.
+fn record(r: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut f = vec![0u8; 2];
+    r.read_exact(&mut f).ok()?;
+    let len = usize::from(u16::from_le_bytes([f[0], f[1]]));
+    f.resize(2 + len, 0);
+    r.read_exact(&mut f[2..]).ok()?;
+    Some(f)
+}
+
+/// Relays the handshake frame, then every record, through `tamper`
+/// (index 0 is the handshake frame, 1 the first record).
+fn relay_direction(mut from: TcpStream, mut to: TcpStream, tamper: Tamper) {
     let mut seen = Vec::new();
-    while let Some(f) = frame(&mut from, seen.len() >= untagged) {
+    while let Some(f) = if seen.is_empty() {
+        frame(&mut from)
+    } else {
+        record(&mut from)
+    } {
         let out = tamper(seen.len(), &seen, f.clone());
         seen.push(f);
         if to.write_all(&out).is_err() {
@@ -62,8 +74,8 @@ fn relay(agent: SocketAddr, requests: Tamper, replies: Tamper) -> SocketAddr {
         let (monitor, _) = l.accept().unwrap();
         let upstream = TcpStream::connect(agent).unwrap();
         let (m2, u2) = (monitor.try_clone().unwrap(), upstream.try_clone().unwrap());
-        thread::spawn(move || relay_direction(m2, u2, UNTAGGED_REQUESTS, requests));
-        relay_direction(upstream, monitor, UNTAGGED_REPLIES, replies);
+        thread::spawn(move || relay_direction(m2, u2, requests));
+        relay_direction(upstream, monitor, replies);
     });
     addr
 }
@@ -77,10 +89,10 @@ fn a_reply_altered_or_replayed_on_the_way_is_refused_by_the_monitor() {
     let g = fake_guest();
     let agent = serve(common::agent(g.mem.clone()));
     let want = pattern()[..8].to_vec();
-    // Reply 0 is WELCOME's predecessor CHALLENGE; 1 is WELCOME; 2 the first READ_OK.
+    // Reply 0 is ACCEPT; 1 is WELCOME; 2 the first READ_OK.
     let flip: Tamper = Box::new(|i, _, mut f| {
         if i == 2 {
-            f[HEADER_LEN] ^= 1;
+            f[2] ^= 1;
         }
         f
     });
@@ -98,7 +110,7 @@ fn a_reply_altered_or_replayed_on_the_way_is_refused_by_the_monitor() {
     // The WELCOME itself (the descriptor) altered: refused at connect.
     let forge: Tamper = Box::new(|i, _, mut f| {
         if i == 1 {
-            let n = f.len() - TAG_LEN - 1;
+            let n = f.len() - AEAD_TAG - 1;
             f[n] ^= 0x20;
         }
         f
@@ -113,6 +125,33 @@ fn a_reply_altered_or_replayed_on_the_way_is_refused_by_the_monitor() {
     )
     .unwrap_err();
     assert!(is_integrity(&e), "an altered descriptor got through: {e:?}");
+
+    // A relay that only listens sees no guest byte: not the descriptor's
+    // hook names, not the bytes a READ returns.
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let tap: Tamper = {
+        let heard = heard.clone();
+        Box::new(move |_, _, f| {
+            heard.lock().unwrap().extend_from_slice(&f);
+            f
+        })
+    };
+    let mut c = client(relay(agent, pass(), tap), Role::Read);
+    let secret = c.read(PROGRESS.0, 0, 64).unwrap();
+    assert_eq!(secret, pattern()[..64]);
+    drop(c);
+    thread::sleep(Duration::from_millis(100));
+    let heard = heard.lock().unwrap();
+    assert!(
+        !heard
+            .windows(16)
+            .any(|w| secret.windows(16).any(|s| s == w)),
+        "guest bytes crossed the relay in the clear"
+    );
+    assert!(
+        !heard.windows(8).any(|w| w == b"progress"),
+        "the descriptor crossed the relay in the clear"
+    );
 }
 
 #[test]
@@ -120,9 +159,9 @@ fn a_write_replayed_or_forged_on_the_way_changes_no_guest_byte() {
     let g = fake_guest();
     let agent = serve(common::agent(g.mem.clone()));
     let at = REPAIR.1 + 16;
-    // Requests 2 and 3 are two WRITEs; request 4 (a READ) is replaced by
-    // request 2 again: the old value would come back if it were accepted.
-    let replay: Tamper = Box::new(|i, seen, f| if i == 4 { seen[2].clone() } else { f });
+    // Requests 1 and 2 are two WRITEs; request 3 (a READ) is replaced by
+    // request 1 again: the old value would come back if it were accepted.
+    let replay: Tamper = Box::new(|i, seen, f| if i == 3 { seen[1].clone() } else { f });
     let mut c = client(relay(agent, replay, pass()), Role::Repair);
     c.write(REPAIR.0, 16, b"AAAAAAAA").unwrap();
     c.write(REPAIR.0, 16, b"BBBBBBBB").unwrap();
@@ -134,10 +173,10 @@ fn a_write_replayed_or_forged_on_the_way_changes_no_guest_byte() {
     assert!(g.mem.read(at, &mut now));
     assert_eq!(&now, b"BBBBBBBB", "a replayed WRITE landed");
 
-    // A WRITE made up by the relay, with a tag it cannot compute, in
+    // A WRITE made up by the relay, as a record it cannot encrypt, in
     // place of the monitor's READ.
     let forged = {
-        let mut f = Vec::new();
+        let mut f = vec![0u8; 2];
         write_msg(
             &mut f,
             9,
@@ -149,10 +188,12 @@ fn a_write_replayed_or_forged_on_the_way_changes_no_guest_byte() {
             },
         )
         .unwrap();
-        f.extend_from_slice(&[0u8; TAG_LEN]);
+        f.extend_from_slice(&[0u8; AEAD_TAG]);
+        let len = u16::try_from(f.len() - 2).unwrap();
+        f[..2].copy_from_slice(&len.to_le_bytes());
         f
     };
-    let inject: Tamper = Box::new(move |i, _, f| if i == 2 { forged.clone() } else { f });
+    let inject: Tamper = Box::new(move |i, _, f| if i == 1 { forged.clone() } else { f });
     let mut c = client(relay(agent, inject, pass()), Role::Repair);
     assert!(
         c.read(REPAIR.0, 16, 8).is_err(),
@@ -198,7 +239,7 @@ fn a_thousand_trickling_strangers_neither_lock_a_monitor_out_nor_outlive_the_dea
         let stop = stop.clone();
         thread::spawn(move || {
             let header = [
-                0x42u8, 0x44, 0x57, 0x31, 2, 1, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0,
+                0x42u8, 0x44, 0x57, 0x31, VERSION, 1, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0,
             ];
             for b in header.iter().cycle() {
                 if *stop.lock().unwrap() {
@@ -246,7 +287,7 @@ fn a_stranger_claiming_a_large_frame_is_refused_before_anything_is_allocated() {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     // A HELLO header claiming 1 MiB: refused at the header (the deadline
     // is 5 s: a reply within 3 s was not a timeout).
-    let mut h = vec![0x42u8, 0x44, 0x57, 0x31, 2, 1, 0, 0, 0, 0, 0, 0];
+    let mut h = vec![0x42u8, 0x44, 0x57, 0x31, VERSION, 1, 0, 0, 0, 0, 0, 0];
     h.extend_from_slice(&(1u32 << 20).to_le_bytes());
     s.write_all(&h).unwrap();
     match read_msg(&mut s) {
@@ -255,7 +296,37 @@ fn a_stranger_claiming_a_large_frame_is_refused_before_anything_is_allocated() {
     }
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "not closed");
-    // A stranger's HELLO then a huge AUTH: the same.
+    // A HELLO followed by anything before ACCEPT (here a huge frame's
+    // header): the same, even with the right key.
+    let key = backdoor_agent::auth::decode_hex(common::READ_KEY).unwrap();
+    let (_, noise) = Initiator::start(&key, "vm1", Role::Read).unwrap();
+    let mut s = TcpStream::connect(agent).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut hello = Vec::new();
+    write_msg(
+        &mut hello,
+        0,
+        &Msg::Hello {
+            vm: "vm1".into(),
+            role: Role::Read,
+            noise,
+        },
+    )
+    .unwrap();
+    hello.extend_from_slice(&[0xff, 0xff]);
+    s.write_all(&hello).unwrap();
+    assert!(matches!(
+        read_msg(&mut s),
+        Ok((
+            _,
+            Msg::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ))
+    ));
+    // A stranger's HELLO under a key it made up: refused at once.
+    let (_, noise) = Initiator::start(b"made-up-key-16-b", "vm1", Role::Read).unwrap();
     let mut s = TcpStream::connect(agent).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     write_msg(
@@ -264,20 +335,16 @@ fn a_stranger_claiming_a_large_frame_is_refused_before_anything_is_allocated() {
         &Msg::Hello {
             vm: "vm1".into(),
             role: Role::Read,
-            client_nonce: [1; NONCE_LEN],
+            noise,
         },
     )
     .unwrap();
-    assert!(matches!(read_msg(&mut s).unwrap().1, Msg::Challenge { .. }));
-    let mut h = vec![0x42u8, 0x44, 0x57, 0x31, 2, 3, 0, 0, 0, 0, 0, 0];
-    h.extend_from_slice(&(64u32 << 10).to_le_bytes());
-    s.write_all(&h).unwrap();
     assert!(matches!(
         read_msg(&mut s),
         Ok((
             _,
             Msg::Error {
-                code: ErrorCode::BadRequest,
+                code: ErrorCode::AuthFailed,
                 ..
             }
         ))
@@ -330,7 +397,7 @@ fn keys_rotate_without_restarting_the_agent() {
         backdoor_agent::Client::connect(agent, "vm1", Role::Read, &key, common::TIMEOUT)
     };
     let old = connect(common::READ_KEY).unwrap_err();
-    assert!(matches!(old, ClientError::AgentNotAuthentic), "{old:?}");
+    assert_eq!(old.code(), Some(ErrorCode::AuthFailed), "{old:?}");
     let mut after = connect(NEW).unwrap();
     assert_eq!(after.read(PROGRESS.0, 0, 8).unwrap(), pattern()[..8]);
     // A connection made with the old key keeps working.

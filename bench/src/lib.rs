@@ -7,7 +7,7 @@ pub mod affinity;
 pub mod detection;
 pub mod extraction;
 pub mod fake_guest;
-pub mod frame_tags;
+pub mod frame_crypto;
 pub mod kernel_log;
 pub mod machine;
 pub mod overhead;

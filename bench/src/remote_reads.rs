@@ -12,7 +12,7 @@ use backdoor_agent::wire::{spin_until_readable, BatchEntry};
 use serde_json::json;
 
 use crate::fake_guest::{self, hook};
-use crate::frame_tags;
+use crate::frame_crypto;
 use crate::plot::Series;
 use crate::report::{Figure, Section};
 use crate::stats::Dist;
@@ -114,30 +114,30 @@ pub fn run(ctx: &Ctx) -> Section {
     }
     let copy_gbs = bulk as f64 / t.elapsed().as_secs_f64() / 1e9;
 
-    // The cost of the frame tags: the same request loop, tagged and plain.
+    // The cost of the encryption: the same request loop, sealed and plain.
     let hooks = vec![
         hook(1, 0, 64 << 10, HookKind::ProgressBox, "progress"),
         hook(2, 1 << 20, bulk, HookKind::StateBox, "state"),
     ];
-    let tag_agent = std::sync::Arc::new(fake_guest::agent(mem.clone(), hooks, None));
-    let mut plain = frame_tags::Loop::start(tag_agent.clone(), false);
-    let mut tagged = frame_tags::Loop::start(tag_agent, true);
+    let crypto_agent = std::sync::Arc::new(fake_guest::agent(mem.clone(), hooks, None));
+    let mut plain = frame_crypto::Loop::start(crypto_agent.clone(), false);
+    let mut sealed = frame_crypto::Loop::start(crypto_agent, true);
     // Interleaved in ten rounds, so that a noisy neighbour weighs on both.
-    let (mut plain_us, mut tagged_us) = (Vec::new(), Vec::new());
-    let (mut plain_s, mut tagged_s) = (0f64, 0f64);
+    let (mut plain_us, mut sealed_us) = (Vec::new(), Vec::new());
+    let (mut plain_s, mut sealed_s) = (0f64, 0f64);
     for _ in 0..10 {
         plain_us.extend(fake_guest::time_us(n_small / 10, || {
             plain.read(1, 1, 64, 8);
         }));
-        tagged_us.extend(fake_guest::time_us(n_small / 10, || {
-            tagged.read(1, 1, 64, 8);
+        sealed_us.extend(fake_guest::time_us(n_small / 10, || {
+            sealed.read(1, 1, 64, 8);
         }));
         plain_s += bulk as f64 / 10.0 / plain.bulk_gbs(1, 2, bulk / 10) / 1e9;
-        tagged_s += bulk as f64 / 10.0 / tagged.bulk_gbs(1, 2, bulk / 10) / 1e9;
+        sealed_s += bulk as f64 / 10.0 / sealed.bulk_gbs(1, 2, bulk / 10) / 1e9;
     }
-    let (plain_small, tagged_small) = (Dist::new(plain_us), Dist::new(tagged_us));
-    let hash_gbs = frame_tags::tag_gbs(1 << 20, 64);
-    let (plain_gbs, tagged_gbs) = (bulk as f64 / plain_s / 1e9, bulk as f64 / tagged_s / 1e9);
+    let (plain_small, sealed_small) = (Dist::new(plain_us), Dist::new(sealed_us));
+    let seal_gbs = frame_crypto::seal_open_gbs(64);
+    let (plain_gbs, sealed_gbs) = (bulk as f64 / plain_s / 1e9, bulk as f64 / sealed_s / 1e9);
 
     let spin_name = "8-B TCP echo, busy-poll";
     sec.figures = vec![
@@ -175,10 +175,10 @@ pub fn run(ctx: &Ctx) -> Section {
         )
         .against("local copy", copy_gbs, format!("{copy_gbs:.2} GB/s")),
         Figure::plain(
-            "READ 8 B, every frame tagged (request loop)",
-            tagged_small.p50,
+            "READ 8 B, every frame encrypted (request loop)",
+            sealed_small.p50,
             "µs",
-            lat(&tagged_small),
+            lat(&sealed_small),
         )
         .against(
             "the same loop, frames plain",
@@ -187,12 +187,12 @@ pub fn run(ctx: &Ctx) -> Section {
         ),
         Figure::plain(
             &format!(
-                "bulk READ of {} MiB, every frame tagged (request loop)",
+                "bulk READ of {} MiB, every frame encrypted (request loop)",
                 bulk >> 20
             ),
-            tagged_gbs,
+            sealed_gbs,
             "GB/s",
-            format!("{tagged_gbs:.2} GB/s"),
+            format!("{sealed_gbs:.2} GB/s"),
         )
         .against(
             "the same loop, frames plain",
@@ -200,10 +200,10 @@ pub fn run(ctx: &Ctx) -> Section {
             format!("{plain_gbs:.2} GB/s"),
         ),
         Figure::plain(
-            "tagging a 1-MiB reply (keyed BLAKE3, one core)",
-            hash_gbs,
+            "sealing and opening a 1-MiB reply (AES-256-GCM, one core)",
+            seal_gbs,
             "GB/s",
-            format!("{hash_gbs:.2} GB/s"),
+            format!("{seal_gbs:.2} GB/s"),
         )
         .against("local copy", copy_gbs, format!("{copy_gbs:.2} GB/s")),
     ];
@@ -216,15 +216,16 @@ pub fn run(ctx: &Ctx) -> Section {
         met(bulk_gbs > 1.0)
     ));
     sec.notes.push(format!(
-        "Frame tags (issue 14; keyed BLAKE3 on every frame, docs/wire.md): one request loop \
-         over the agent's dispatch, run tagged and plain in this process. Small READ p50 \
-         within 15 % of plain: {} ({:+.1} %); bulk within 25 %: {} ({:+.1} %). On loopback \
-         both ends hash on this machine's cores (the agent tags, the client checks), so bulk \
-         pays the hash twice on shared CPUs; across hosts each end hashes on its own.",
-        met(tagged_small.p50 <= plain_small.p50 * 1.15),
-        (tagged_small.p50 / plain_small.p50 - 1.0) * 100.0,
-        met(tagged_gbs >= plain_gbs * 0.75),
-        (tagged_gbs / plain_gbs - 1.0) * 100.0,
+        "Encryption (issue 14; Noise NNpsk0, AES-256-GCM on every frame, docs/wire.md): one \
+         request loop over the agent's dispatch, run encrypted and plain in this process. \
+         Small READ p50 within 15 % of plain: {} ({:+.1} %); bulk within 25 %: {} ({:+.1} %). \
+         On loopback both ends run on this machine's cores (the agent seals, the client \
+         opens), so bulk pays the cipher twice on shared CPUs; across hosts each end does its \
+         own half.",
+        met(sealed_small.p50 <= plain_small.p50 * 1.15),
+        (sealed_small.p50 / plain_small.p50 - 1.0) * 100.0,
+        met(sealed_gbs >= plain_gbs * 0.75),
+        (sealed_gbs / plain_gbs - 1.0) * 100.0,
     ));
     ctx.cdf_plot(
         &mut sec,
@@ -258,9 +259,9 @@ pub fn run(ctx: &Ctx) -> Section {
         "read_8b_us": small, "read_4k_us": page, "read_batch64_us": batch,
         "echo_blocking_us": echo, "echo_busy_poll_us": echo_spin,
         "bulk_gbs": bulk_gbs, "bulk_bytes": bulk, "local_copy_gbs": copy_gbs,
-        "loop_plain_read_8b_us": plain_small, "loop_tagged_read_8b_us": tagged_small,
-        "loop_plain_bulk_gbs": plain_gbs, "loop_tagged_bulk_gbs": tagged_gbs,
-        "tag_1mib_gbs": hash_gbs,
+        "loop_plain_read_8b_us": plain_small, "loop_encrypted_read_8b_us": sealed_small,
+        "loop_plain_bulk_gbs": plain_gbs, "loop_encrypted_bulk_gbs": sealed_gbs,
+        "seal_open_1mib_gbs": seal_gbs,
         "rdma_devices": devs,
     });
     sec

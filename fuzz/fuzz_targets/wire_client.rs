@@ -1,6 +1,6 @@
 //! The monitor's side of the wire: replies decoded by the real frame
 //! decoder and by the real `Client` talking to a scripted agent whose
-//! frames after the (genuine) handshake are fuzzer-chosen. Invariants:
+//! frames after the (genuine) handshake are fuzzer-chosen (and encrypted). Invariants:
 //! nothing panics; a decoded frame re-encodes to one that decodes to the
 //! same message and is never larger than the limit; a Client call that
 //! succeeds returns exactly what was asked (a READ of n bytes gives n
@@ -13,7 +13,7 @@ use std::net::{Shutdown, TcpListener};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use backdoor_agent::auth;
+use backdoor_agent::channel;
 use backdoor_agent::wire::{
     read_msg, write_msg, BatchEntry, Msg, HEADER_LEN, MAX_BATCH, MAX_NAME, MAX_PAYLOAD, MAX_WRITE,
 };
@@ -37,53 +37,29 @@ fn check_decoded(m: &Msg) {
 }
 
 /// One connection of the scripted agent: a genuine handshake, then
-/// `script` split into frames and tagged, then end of stream.
+/// `script` split into frames and encrypted, then end of stream.
 fn scripted_agent(listener: &TcpListener, script: Vec<u8>) {
     let Ok((mut s, _)) = listener.accept() else {
         return;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let Ok((
-        _,
-        Msg::Hello {
-            vm,
-            role,
-            client_nonce,
-        },
-    )) = read_msg(&mut s)
-    else {
+    let Ok((_, Msg::Hello { vm, role, noise })) = read_msg(&mut s) else {
         return;
     };
-    let server_nonce = [5u8; 32];
-    let server_proof = auth::agent_proof(&READ_KEY, &client_nonce, &server_nonce, role, &vm);
-    if write_msg(
-        &mut s,
-        0,
-        &Msg::Challenge {
-            server_nonce,
-            server_proof,
-        },
-    )
-    .is_err()
-    {
+    let Ok((mut channel, accept)) = channel::respond(&READ_KEY, &vm, role, &noise) else {
+        return;
+    };
+    if write_msg(&mut s, 0, &Msg::Accept { noise: accept }).is_err() {
         return;
     }
-    if read_msg(&mut s).is_err() {
-        return;
-    }
-    // The script's frames go out tagged as the real agent's would, so the
-    // fuzzer reaches the client's decoding, not only its tag check; bytes
-    // that do not make a whole frame go out as they are.
-    let mut key =
-        auth::session_keys(&READ_KEY, &client_nonce, &server_nonce, role, &vm).agent_to_monitor;
+    // The script's frames go out encrypted as the real agent's would, so
+    // the fuzzer reaches the client's decoding, not only its record
+    // check; bytes that do not make a whole frame go out as they are.
     let mut rest = script.as_slice();
     while rest.len() >= HEADER_LEN {
         let len = u32::from_le_bytes(rest[12..16].try_into().unwrap()) as usize;
         let end = (HEADER_LEN + len).min(rest.len());
-        let Some(sealed) = key.seal_raw(&rest[..end]) else {
-            break;
-        };
-        if s.write_all(&sealed).is_err() {
+        if channel.send_raw(&mut s, &rest[..end]).is_err() {
             return;
         }
         rest = &rest[end..];

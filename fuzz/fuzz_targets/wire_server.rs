@@ -1,5 +1,5 @@
-//! The agent's side of the wire: the real handshake (HELLO/AUTH decoding
-//! and checking) and the real request path (frame decoding, then
+//! The agent's side of the wire: the real handshake (HELLO decoding and
+//! the Noise handshake) and the real request path (frame decoding, then
 //! `Agent::dispatch`: generation, hook, bounds, role, permissions) on
 //! guest RAM. Invariants: nothing panics; authentication never succeeds
 //! without the key; a read-role session changes no guest byte, and a
@@ -29,8 +29,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if mode & 1 == 0 {
-        // The handshake, fed raw bytes: the fuzzer cannot know the agent's
-        // fresh nonce, so a success would be an authentication bypass.
+        // The handshake, fed raw bytes: the fuzzer cannot make a Noise
+        // message under the key, so a success would be an authentication
+        // bypass.
         let mut r = rest;
         let mut w = Vec::new();
         if let Ok(admitted) = agent.authenticate(&mut r, &mut w) {
@@ -47,9 +48,10 @@ fuzz_target!(|data: &[u8]| {
     // an input changed them: rewriting 128 KiB per run halves the speed).
     let before = pattern();
     let mut r = rest;
-    // The server's request loop after each frame's tag checked out (the
-    // fuzzer cannot forge tags: what it reaches here is what a monitor
-    // holding the key could send): a malformed or oversized frame ends it.
+    // The server's request loop after each frame's record opened (the
+    // fuzzer cannot encrypt under the key: what it reaches here is what a
+    // monitor holding the key could send): a malformed or oversized frame
+    // ends it.
     loop {
         let msg = match read_msg(&mut r) {
             Ok((_, m)) => m,

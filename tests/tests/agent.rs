@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use backdoor_abi::record::{read_slot, ReadOutcome};
 use backdoor_abi::{Counter, CounterState, LINE, PBOX_MAGIC};
-use backdoor_agent::wire::{read_msg, write_msg, Msg, NONCE_LEN};
+use backdoor_agent::wire::{read_msg, write_msg, Msg};
 use backdoor_agent::{Client, ClientError, ErrorCode, RemoteSlot, Role};
 use bdvmm_tests::{exit, keys, AgentProcess, Vm};
 
@@ -249,12 +249,16 @@ fn writes_outside_repair_hooks_from_the_read_role_or_out_of_bounds_are_refused()
 #[test]
 fn wrong_keys_unknown_vms_and_malformed_frames_are_refused() {
     let s = serve(3);
-    // A client with the wrong key notices first: the agent cannot prove the key it does not share.
-    let e = Client::connect(&s.addr, "vm1", Role::Read, b"wrong-key-16-byt", NET).unwrap_err();
-    assert!(matches!(e, ClientError::AgentNotAuthentic), "{e:?}");
-    let e = Client::connect(&s.addr, "other-vm", Role::Read, &keys::READ, NET).unwrap_err();
-    assert!(matches!(e, ClientError::AgentNotAuthentic), "{e:?}");
-    // A monitor that skips that check and sends a bad MAC is refused by the agent.
+    // A client with the wrong key, or naming another VM, is refused:
+    // its HELLO does not open under the agent's key.
+    for (vm, key) in [
+        ("vm1", &b"wrong-key-16-byt"[..]),
+        ("other-vm", &keys::READ[..]),
+    ] {
+        let e = Client::connect(&s.addr, vm, Role::Read, key, NET).unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{vm}: {e:?}");
+    }
+    // A HELLO whose handshake message is made up: refused the same way.
     let mut raw = TcpStream::connect(&s.addr).unwrap();
     raw.set_read_timeout(Some(NET)).unwrap();
     write_msg(
@@ -263,19 +267,7 @@ fn wrong_keys_unknown_vms_and_malformed_frames_are_refused() {
         &Msg::Hello {
             vm: "vm1".into(),
             role: Role::Repair,
-            client_nonce: [0; NONCE_LEN],
-        },
-    )
-    .unwrap();
-    assert!(matches!(
-        read_msg(&mut raw).unwrap().1,
-        Msg::Challenge { .. }
-    ));
-    write_msg(
-        &mut raw,
-        0,
-        &Msg::Auth {
-            mac: [0; NONCE_LEN],
+            noise: vec![0; 48],
         },
     )
     .unwrap();
@@ -286,11 +278,29 @@ fn wrong_keys_unknown_vms_and_malformed_frames_are_refused() {
             ..
         }
     ));
+    // An impostor agent that does not hold the key cannot finish the
+    // handshake: the monitor notices before it believes anything.
+    let impostor = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = impostor.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = impostor.accept().unwrap();
+        let _ = read_msg(&mut c);
+        let (_, hello) =
+            backdoor_agent::channel::Initiator::start(b"impostor-key-16b", "vm1", Role::Read)
+                .unwrap();
+        let (_, noise) =
+            backdoor_agent::channel::respond(b"impostor-key-16b", "vm1", Role::Read, &hello)
+                .unwrap();
+        write_msg(&mut c, 0, &Msg::Accept { noise }).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let e = Client::connect(at, "vm1", Role::Read, &keys::READ, NET).unwrap_err();
+    assert!(matches!(e, ClientError::AgentNotAuthentic), "{e:?}");
     // Garbage instead of a frame, and an oversized frame: closed, nothing else affected.
     for junk in [
         b"GET / HTTP/1.0\r\n\r\n".to_vec(),
         [
-            0x42, 0x44, 0x57, 0x31, 1, 8, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
+            0x42, 0x44, 0x57, 0x31, 3, 8, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
         ]
         .to_vec(),
     ] {

@@ -1,9 +1,10 @@
-//! What the frame tags cost (docs/wire.md "Frame authentication"): one
+//! What the encryption costs (docs/wire.md "The encrypted channel"): one
 //! request loop run twice in the same process, once with every frame
-//! tagged and checked (`write_sealed` / `read_sealed`, as the agent and
-//! the client do) and once plain (`write_msg` / `read_msg`), over the same
-//! agent's `dispatch`, the same loopback socket set-up and the same
-//! busy-polling. Nothing else differs, so the difference is the tags.
+//! sealed and opened by a Noise channel (`Channel::send` / `recv`, as the
+//! agent and the client do) and once plain (`write_msg` / `read_msg`),
+//! over the same agent's `dispatch`, the same loopback socket set-up and
+//! the same busy-polling. Nothing else differs, so the difference is the
+//! encryption.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
@@ -11,43 +12,54 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backdoor_agent::wire::{
-    read_msg, read_sealed, spin_until_readable, write_msg, write_sealed, FrameKey, Msg, WireError,
-};
+use backdoor_agent::channel::{respond, Channel, Initiator};
+use backdoor_agent::wire::{read_msg, spin_until_readable, write_msg, Msg, WireError};
 use backdoor_agent::{Agent, Role};
 
 /// The agent's and the client's busy-poll windows (their defaults).
 const SERVER_SPIN: Duration = Duration::from_micros(50);
 const CLIENT_SPIN: Duration = Duration::from_micros(200);
 
-/// One direction's framing: plain, or tagged under a key.
+/// One end's framing: plain, or an encrypted channel.
 #[derive(Debug)]
 enum Framing {
     Plain,
-    Tagged(FrameKey),
+    Sealed(Box<Channel>),
 }
 
 impl Framing {
-    fn new(tagged: bool, key: u8) -> Self {
-        if tagged {
-            Self::Tagged(FrameKey::new([key; 32]))
-        } else {
-            Self::Plain
-        }
-    }
-
     fn write(&mut self, w: &mut impl Write, id: u32, m: &Msg) -> Result<(), WireError> {
         match self {
             Self::Plain => write_msg(w, id, m),
-            Self::Tagged(k) => write_sealed(w, id, m, k),
+            Self::Sealed(c) => c.send(w, id, m),
         }
     }
 
     fn read(&mut self, r: &mut impl std::io::Read) -> Result<(u32, Msg), WireError> {
         match self {
             Self::Plain => read_msg(r),
-            Self::Tagged(k) => read_sealed(r, k),
+            Self::Sealed(c) => c.recv(r),
         }
+    }
+}
+
+/// Both ends of one channel, from a real handshake in this process.
+fn channel_pair() -> (Channel, Channel) {
+    let key = b"bench-key-16-bytes";
+    let (init, hello) = Initiator::start(key, "bench", Role::Read).expect("handshake");
+    let (agent, accept) = respond(key, "bench", Role::Read, &hello).expect("handshake");
+    (init.finish(&accept).expect("handshake"), agent)
+}
+
+fn framings(encrypted: bool) -> (Framing, Framing) {
+    if encrypted {
+        let (monitor, agent) = channel_pair();
+        (
+            Framing::Sealed(Box::new(monitor)),
+            Framing::Sealed(Box::new(agent)),
+        )
+    } else {
+        (Framing::Plain, Framing::Plain)
     }
 }
 
@@ -56,15 +68,15 @@ impl Framing {
 pub struct Loop {
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
-    send: Framing,
-    recv: Framing,
+    framing: Framing,
     next_id: u32,
 }
 
 impl Loop {
     /// Starts the server side (answering with `agent`'s dispatch, read
     /// role) and connects to it.
-    pub fn start(agent: Arc<Agent>, tagged: bool) -> Self {
+    pub fn start(agent: Arc<Agent>, encrypted: bool) -> Self {
+        let (client_side, mut server_side) = framings(encrypted);
         let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = l.local_addr().expect("address");
         std::thread::spawn(move || {
@@ -73,18 +85,17 @@ impl Loop {
             let fd = s.as_raw_fd();
             let mut r = BufReader::new(s.try_clone().expect("clone"));
             let mut w = BufWriter::new(s);
-            let (mut recv, mut send) = (Framing::new(tagged, 1), Framing::new(tagged, 2));
             loop {
                 if r.buffer().is_empty() {
                     spin_until_readable(fd, SERVER_SPIN);
                 }
-                let Ok((id, msg)) = recv.read(&mut r) else {
+                let Ok((id, msg)) = server_side.read(&mut r) else {
                     return;
                 };
                 let reply = agent
                     .dispatch(Role::Read, msg)
                     .unwrap_or_else(|(code, message)| Msg::Error { code, message });
-                if send.write(&mut w, id, &reply).is_err() || w.flush().is_err() {
+                if server_side.write(&mut w, id, &reply).is_err() || w.flush().is_err() {
                     return;
                 }
             }
@@ -94,8 +105,7 @@ impl Loop {
         Self {
             r: BufReader::new(s.try_clone().expect("clone")),
             w: BufWriter::new(s),
-            send: Framing::new(tagged, 1),
-            recv: Framing::new(tagged, 2),
+            framing: client_side,
             next_id: 1,
         }
     }
@@ -103,7 +113,7 @@ impl Loop {
     fn send(&mut self, m: &Msg) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
-        self.send.write(&mut self.w, id, m).expect("request");
+        self.framing.write(&mut self.w, id, m).expect("request");
         id
     }
 
@@ -111,7 +121,7 @@ impl Loop {
         if self.r.buffer().is_empty() {
             spin_until_readable(self.r.get_ref().as_raw_fd(), CLIENT_SPIN);
         }
-        match self.recv.read(&mut self.r).expect("reply").1 {
+        match self.framing.read(&mut self.r).expect("reply").1 {
             Msg::ReadOk(b) => b,
             other => panic!("unexpected reply {other:?}"),
         }
@@ -154,14 +164,17 @@ impl Loop {
     }
 }
 
-/// Tagging throughput alone: `n` tags of `len`-byte payloads, in GB/s.
-pub fn tag_gbs(len: usize, n: usize) -> f64 {
-    let mut key = FrameKey::new([3; 32]);
-    let mut frame = vec![0x5au8; 16 + len];
-    frame[..4].copy_from_slice(&backdoor_agent::wire::MAGIC.to_le_bytes());
+/// Encryption alone, on one core: `n` 1-MiB READ replies sealed by one
+/// end of a channel and opened by the other, in GB/s.
+pub fn seal_open_gbs(n: usize) -> f64 {
+    let (mut monitor, mut agent) = channel_pair();
+    let reply = Msg::ReadOk(vec![0x5a; 1 << 20]);
+    let mut wire = Vec::with_capacity((1 << 20) + (1 << 16));
     let t = Instant::now();
     for _ in 0..n {
-        std::hint::black_box(key.seal_raw(std::hint::black_box(&frame)));
+        wire.clear();
+        agent.send(&mut wire, 1, &reply).expect("seal");
+        std::hint::black_box(monitor.recv(&mut wire.as_slice()).expect("open"));
     }
-    (len * n) as f64 / t.elapsed().as_secs_f64() / 1e9
+    (n << 20) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
