@@ -53,7 +53,7 @@ demo-linux: deps-test guests
 test: deps-test guests module
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p backdoor-agent -p bdvmm -p bdctl --features backdoor-agent/verbs,bdvmm/verbs,bdctl/verbs --all-targets -- -D warnings
+	$(CARGO) clippy -p backdoor-proto -p backdoor-agent -p bdvmm -p bdctl --features backdoor-agent/verbs,bdvmm/verbs,bdctl/verbs --all-targets -- -D warnings
 	$(CARGO) build -p bdvmm -p bdctl
 	./tests/run.sh
 

@@ -42,7 +42,7 @@ export BDVMM_SKIP_LOG=$PWD/$LOGS/skips.txt
 skips=($(tests/lab/lab.sh host-skips))
 
 run workspace cargo test --workspace --no-fail-fast -- "${skips[@]}"
-run verbs cargo test -p backdoor-agent --features verbs --no-fail-fast -- "${skips[@]}"
+run verbs cargo test -p backdoor-proto -p backdoor-agent --features backdoor-proto/verbs,backdoor-agent/verbs --no-fail-fast -- "${skips[@]}"
 
 lab_status=0
 echo "== lab: tests/lab/lab.sh --needed"

@@ -1,5 +1,5 @@
 //! Admitting monitors: the handshake (HELLO → ACCEPT, Noise NNpsk0 in
-//! `channel.rs`) without I/O, and the gate that runs every pending
+//! `backdoor_proto::channel`) without I/O, and the gate that runs every pending
 //! handshake on one epoll thread (event-manager) under hostile clients.
 //!
 //! What a client that holds no key can take is bounded: a pending
@@ -113,7 +113,10 @@ pub fn hello(keys: &dyn KeyRing, msg: Msg) -> Step {
             Box::new(Admitted { role, channel }),
         ),
         Err(HandshakeError::NotAuthentic) => Step::Refuse(
-            error(ErrorCode::AuthFailed, "authentication failed: not the key of this role of this VM"),
+            error(
+                ErrorCode::AuthFailed,
+                "authentication failed: not the key of this role of this VM",
+            ),
             Refused::Auth,
         ),
         Err(HandshakeError::Noise(e)) => {

@@ -4,22 +4,20 @@
 //! holds the guest-RAM memfd and outlives the VMM (`vmm_link`).
 
 pub mod access;
-pub mod auth;
-pub mod channel;
-pub mod client;
 pub mod descriptor;
-pub mod doctor;
 pub mod guest_mem;
 pub mod handshake;
 pub mod peer;
 pub mod server;
 #[cfg(feature = "verbs")]
 pub mod verbs;
-#[cfg(feature = "verbs")]
-pub mod verbs_client;
 pub mod vmm_link;
-pub mod wire;
 
+// The protocol and the client live in backdoor-proto (what monitors link);
+// the agent serves the same frames.
+#[cfg(feature = "verbs")]
+pub use backdoor_proto::verbs_client;
+pub use backdoor_proto::{auth, channel, client, doctor, wire};
 pub use client::{Client, ClientError, RemoteSlot};
 pub use descriptor::{
     DescriptorSource, PublicDescriptor, PushedDescriptor, PushedVcpus, VcpuSource,

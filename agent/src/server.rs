@@ -2,7 +2,7 @@
 //! for every pending handshake) and serves the soft backend's one-sided
 //! operations to each authenticated one on a thread of its own (and hands
 //! out RDMA endpoints when the verbs backend is available). Every frame
-//! after the handshake is encrypted (`channel.rs`); a bad request gets
+//! after the handshake is encrypted (`backdoor_proto::channel`); a bad request gets
 //! an error reply or a closed connection, and never affects the guest or
 //! other monitors.
 

@@ -10,9 +10,8 @@ use backdoor_abi::{
     cmd, reg, HookDesc, HookError, ABI_VERSION, DEV_MAGIC, FEATURE_REPAIR, FEATURE_SEAL, MAX_HOOKS,
     MAX_HOOK_PAGES, STATUS_SEALED,
 };
-use serde::{Deserialize, Serialize};
 
-use crate::hooks::{Hook, HookTable};
+use crate::hooks::HookTable;
 
 /// Reads guest memory for the device (descriptors live in guest RAM).
 pub trait GuestReader: Send {
@@ -20,18 +19,7 @@ pub trait GuestReader: Send {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
 }
 
-/// What the backdoor publishes: the agent and the control socket read it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Descriptor {
-    /// Changes on every guest reset.
-    pub generation: u32,
-    /// Whether the table is sealed.
-    pub sealed: bool,
-    /// Commands refused after the seal.
-    pub tamper_count: u32,
-    /// Registered hooks.
-    pub hooks: Vec<Hook>,
-}
+pub use backdoor_abi::descriptor::Descriptor;
 
 /// Shortest gap between two log lines about refused commands after seal.
 pub const TAMPER_LOG_EVERY: Duration = Duration::from_secs(10);

@@ -4,37 +4,8 @@
 use backdoor_abi::{
     decode_name, perms_valid, HookDesc, HookError, HookKind, MAX_HOOKS, MAX_HOOK_PAGES, PAGE_SIZE,
 };
-use serde::{Deserialize, Serialize};
 
-/// One registered hook.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hook {
-    /// Id the device assigned (1-based, never reused within a generation).
-    pub id: u32,
-    /// Guest-physical start.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// What it holds.
-    #[serde(serialize_with = "kind_name", deserialize_with = "kind_from_name")]
-    pub kind: HookKind,
-    /// `PERM_*` bits.
-    pub perms: u32,
-    /// Unique name.
-    pub name: String,
-}
-
-fn kind_name<S: serde::Serializer>(k: &HookKind, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(k.name())
-}
-
-fn kind_from_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HookKind, D::Error> {
-    let name = String::deserialize(d)?;
-    HookKind::ALL
-        .into_iter()
-        .find(|k| k.name() == name)
-        .ok_or_else(|| serde::de::Error::custom(format!("unknown hook kind {name:?}")))
-}
+pub use backdoor_abi::descriptor::Hook;
 
 /// The hooks of one generation.
 #[derive(Debug, Default, Clone)]

@@ -3,8 +3,8 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use backdoor_agent::auth::decode_hex;
-use backdoor_agent::{Client, Role};
+use backdoor_proto::auth::decode_hex;
+use backdoor_proto::{Client, Role};
 use serde_json::json;
 
 use crate::cli::{CasArgs, DoctorArgs, ExtractArgs, OneTarget, ReadArgs, ResumeArgs, WriteArgs};
@@ -298,7 +298,7 @@ pub fn resume(a: &ResumeArgs) -> Result<usize, Error> {
 
 /// `bdctl doctor`.
 pub fn doctor(a: &DoctorArgs) -> Result<(), Error> {
-    for b in backdoor_agent::doctor::backends() {
+    for b in backdoor_proto::doctor::backends() {
         println!(
             "{:<6} {:<10} {}",
             b.name,

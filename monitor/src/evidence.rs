@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use backdoor_agent::{Client, Role};
+use backdoor_proto::{Client, Role};
 use serde_json::{json, Value};
 
 use crate::kernel::symbols::Symbols;

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use backdoor_abi::record::{read_slot, validate, ReadOutcome, Record};
 use backdoor_abi::{SboxHeader, LINE, LINE_LEN, SBOX_MAGIC};
-use backdoor_agent::wire::{BatchEntry, MAX_BATCH, MAX_READ};
-use backdoor_agent::{Client, ClientError, PublicDescriptor, RemoteSlot};
+use backdoor_proto::wire::{BatchEntry, MAX_BATCH, MAX_READ};
+use backdoor_proto::{Client, ClientError, PublicDescriptor, RemoteSlot};
 use serde::{Deserialize, Serialize};
 
 /// How many times a moving slot is re-read before it is reported torn.
@@ -59,7 +59,7 @@ pub struct Session {
 impl Session {
     /// The payload bytes.
     pub fn payload(&self) -> Option<Vec<u8>> {
-        backdoor_agent::auth::decode_hex(&self.payload_hex)
+        backdoor_proto::auth::decode_hex(&self.payload_hex)
     }
 }
 

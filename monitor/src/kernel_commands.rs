@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use backdoor_agent::Role;
+use backdoor_proto::Role;
 
 use crate::cli::{DmesgArgs, EvidenceArgs, KernelArgs};
 use crate::evidence::{self, EvidenceOptions};

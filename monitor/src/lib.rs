@@ -28,7 +28,7 @@ pub enum Error {
     Connect(#[from] target::ConnectError),
     /// The agent refused or could not be read.
     #[error(transparent)]
-    Client(#[from] backdoor_agent::ClientError),
+    Client(#[from] backdoor_proto::ClientError),
     /// Watch configuration.
     #[error(transparent)]
     Config(#[from] cli::ConfigError),

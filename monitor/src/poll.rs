@@ -2,7 +2,7 @@
 //! every progress box's counters, in two round trips.
 
 use backdoor_abi::{Counter, CounterState, Level, PboxHeader, LINE, LINE_LEN, PBOX_MAGIC};
-use backdoor_agent::{Client, ClientError};
+use backdoor_proto::{Client, ClientError};
 
 use crate::judge::{CounterObs, Observation};
 
@@ -36,7 +36,7 @@ pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError>
         }
         let len = u32::try_from(n * LINE as u64)
             .unwrap_or(u32::MAX)
-            .min(backdoor_agent::wire::MAX_READ);
+            .min(backdoor_proto::wire::MAX_READ);
         let bytes = client.read(h.id, LINE as u64, len)?;
         for (slot, chunk) in (0u32..).zip(bytes.chunks_exact(LINE)) {
             let mut c = Counter::from_bytes(chunk.try_into().expect("64-byte chunk"));

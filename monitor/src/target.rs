@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use backdoor_agent::auth::{decode_hex, MIN_KEY_BYTES};
-use backdoor_agent::{Client, ClientError, Role};
+use backdoor_proto::auth::{decode_hex, MIN_KEY_BYTES};
+use backdoor_proto::{Client, ClientError, Role};
 use serde::Deserialize;
 
 /// Errors describing targets and keys.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use backdoor_agent::{Client, Role};
+use backdoor_proto::{Client, Role};
 use serde_json::json;
 
 use crate::judge::{Event, Judge, Observation, Verdict};
@@ -206,7 +206,7 @@ fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String
         poll::observe(client)
     } else {
         match poll::observe_counters(client) {
-            Err(e) if e.code() == Some(backdoor_agent::ErrorCode::StaleGeneration) => {
+            Err(e) if e.code() == Some(backdoor_proto::ErrorCode::StaleGeneration) => {
                 w.described = Some(Instant::now());
                 poll::observe(client)
             }

@@ -5,6 +5,7 @@
 //! checked against the C header; they are decoded from bytes field by field
 //! (little-endian), never transmuted, because the bytes come from a guest.
 
+pub mod descriptor;
 pub mod record;
 
 /// Size of a page: hooks are page-granular.

@@ -10,7 +10,7 @@
 //!   here: kernel-image addresses by the image's offset, others by walking
 //!   the kernel's own page tables.
 
-use backdoor_agent::{Client, ClientError};
+use backdoor_proto::{Client, ClientError};
 
 use super::kallsyms;
 use super::le::u64_at;
@@ -24,7 +24,7 @@ pub const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 /// The image's virtual window: 1 GiB from [`KERNEL_MAP`] (modules follow).
 pub const KERNEL_MAP_END: u64 = 0xffff_ffff_c000_0000;
 /// The largest read the agent answers; longer ones are split.
-const CHUNK: u64 = backdoor_agent::wire::MAX_READ as u64;
+const CHUNK: u64 = backdoor_proto::wire::MAX_READ as u64;
 
 fn read_hook(c: &mut Client, hook: u32, offset: u64, len: usize) -> Result<Vec<u8>, ClientError> {
     let mut out = Vec::with_capacity(len);

@@ -21,7 +21,7 @@ pub mod printk;
 pub mod symbols;
 pub mod vmcoreinfo;
 
-use backdoor_agent::Client;
+use backdoor_proto::Client;
 
 use layout::PrintkLayout;
 use memory::{
