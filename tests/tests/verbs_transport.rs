@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use bdvmm_tests::shop::{assert_three_consistent_sessions, bdctl, shop, Watch, T};
+use bdvmm_tests::shop::{assert_three_consistent_sessions, bdctl, shop, Shop, Watch, T};
 use bdvmm_tests::Vm;
 
 fn rdma_device() -> Option<String> {
@@ -17,17 +17,23 @@ fn rdma_device() -> Option<String> {
         .next()
 }
 
-fn status(target: &str, keys: &str, transport: &str) -> serde_json::Value {
+/// `bdctl status` of the shop over `transport`; a failure shows bdvmm's log.
+fn status(s: &Shop, transport: &str) -> serde_json::Value {
     let (code, out, err) = bdctl(&[
         "status",
-        target,
+        &s.target(),
         "--key-file",
-        keys,
+        s.keys.to_str().unwrap(),
         "--json",
         "--transport",
         transport,
     ]);
-    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        code,
+        Some(0),
+        "{out}{err}\n--- bdvmm stderr ---\n{}",
+        s.vm.stderr()
+    );
     serde_json::from_str(&out).unwrap()
 }
 
@@ -60,7 +66,7 @@ fn bdctl_watches_extracts_and_resumes_over_verbs() {
     let target = s.target();
     let keys = s.keys.to_str().unwrap().to_owned();
 
-    let st = status(&target, &keys, "verbs");
+    let st = status(&s, "verbs");
     assert_eq!(st["transport"], "verbs", "{st}");
     assert!(
         st["descriptor"]["backends"]
@@ -71,8 +77,8 @@ fn bdctl_watches_extracts_and_resumes_over_verbs() {
         "{st}"
     );
     // auto prefers verbs when the agent offers them.
-    assert_eq!(status(&target, &keys, "auto")["transport"], "verbs");
-    assert_eq!(status(&target, &keys, "soft")["transport"], "soft");
+    assert_eq!(status(&s, "auto")["transport"], "verbs");
+    assert_eq!(status(&s, "soft")["transport"], "soft");
 
     // The same verdicts over verbs: healthy, then hung at OS level.
     let w = Watch::start(
