@@ -57,6 +57,16 @@ find_cached() {
 }
 
 # Copy the kernel (and its config) into the cache; print the kernel path.
+# install_file SRC DST: copy SRC to DST atomically.
+install_file() {
+	local tmp
+	tmp=$(mktemp "${2%/*}/.${2##*/}.XXXXXX") || die "cannot create a temporary file next to $2"
+	cp "$1" "$tmp" && mv -f "$tmp" "$2" || {
+		rm -f "$tmp"
+		die "cannot install $2"
+	}
+}
+
 install_kernel() {
 	local workdir=$1 dir=$2 kernel version
 
@@ -66,13 +76,13 @@ install_kernel() {
 	version=${kernel##*/vmlinuz-}
 
 	mkdir -p "$dir"
+	# Copy each file to a temporary name of this run's own, then rename:
+	# an interrupted run never leaves a partial file that the cache check
+	# would accept, and two runs at once never write the same file.
 	if [[ -f $workdir/root/boot/config-$version ]]; then
-		cp "$workdir/root/boot/config-$version" "$dir/config-$version"
+		install_file "$workdir/root/boot/config-$version" "$dir/config-$version"
 	fi
-	# Copy then rename, so an interrupted run never leaves a partial
-	# kernel that the cache check would accept.
-	cp "$kernel" "$dir/.vmlinuz-$version.tmp"
-	mv -f "$dir/.vmlinuz-$version.tmp" "$dir/vmlinuz-$version"
+	install_file "$kernel" "$dir/vmlinuz-$version"
 	log "cached $dir/vmlinuz-$version"
 	echo "$dir/vmlinuz-$version"
 }

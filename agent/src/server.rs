@@ -206,12 +206,7 @@ impl Agent {
                 Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(())
                 }
-                Err(WireError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(WireError::TimedOut) => {
                     tracing::info!(%peer, "agent: closing a monitor idle for {:?}", self.idle_timeout);
                     return Ok(());
                 }

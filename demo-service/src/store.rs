@@ -121,9 +121,7 @@ pub enum Mutation {
 
 fn random_id() -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != 8 {
+    if getrandom::fill(&mut b).is_err() {
         // No entropy source (an odd initramfs): time and pid still differ
         // between instances, and collisions are checked by the caller.
         let t = std::time::SystemTime::now()

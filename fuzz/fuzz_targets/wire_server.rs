@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     loop {
         let msg = match read_msg(&mut r) {
             Ok((_, m)) => m,
-            Err(WireError::Io(_)) => break,
+            Err(WireError::Io(_) | WireError::TimedOut) => break,
             Err(WireError::Malformed(_) | WireError::TooLarge(_) | WireError::Integrity) => break,
         };
         let expected_len = match &msg {

@@ -94,7 +94,6 @@ pub fn agent() -> (Arc<GuestMemory>, Arc<Agent>) {
         )
         .expect("map"),
     );
-    let hex = |k: &[u8]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let dir = std::env::temp_dir().join(format!("bdvmm-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let keys = dir.join("keys.toml");
@@ -102,8 +101,8 @@ pub fn agent() -> (Arc<GuestMemory>, Arc<Agent>) {
         &keys,
         format!(
             "read = \"{}\"\nrepair = \"{}\"\n",
-            hex(&READ_KEY),
-            hex(&REPAIR_KEY)
+            hex::encode(READ_KEY),
+            hex::encode(REPAIR_KEY)
         ),
     )
     .expect("key file");

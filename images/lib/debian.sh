@@ -172,7 +172,7 @@ decompressor() {
 extract_vmlinux() {
 	local image=$1 out=$2 tmp range offset length expected magic cmd status size
 
-	need_tools coreutils od dd stat
+	need_tools coreutils od dd stat mktemp
 	if [[ -f $out ]]; then
 		log "using cached vmlinux"
 		echo "$out"
@@ -188,7 +188,9 @@ extract_vmlinux() {
 	cmd=$(decompressor "$magic")
 	log "extracting vmlinux ($length-byte payload at offset $offset, ${cmd%% *})"
 
-	tmp=${out%/*}/.${out##*/}.tmp
+	# A temporary file of this run's own, renamed over OUT at the end: two
+	# fetches at once each write their own and the last rename wins.
+	tmp=$(mktemp "${out%/*}/.${out##*/}.XXXXXX") || die "cannot create a temporary file next to $out"
 	# Some decompressors complain about the trailing size word; judge
 	# the result by its ELF magic and size instead of their exit status.
 	status=0

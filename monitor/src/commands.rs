@@ -106,7 +106,7 @@ pub fn read(a: &ReadArgs) -> Result<(), Error> {
     if a.t.json {
         println!(
             "{}",
-            json!({"hook": a.hook, "offset": a.offset, "hex": hex(&b)})
+            json!({"hook": a.hook, "offset": a.offset, "hex": hex::encode(&b)})
         );
     } else {
         for (i, chunk) in b.chunks(16).enumerate() {
@@ -131,10 +131,6 @@ pub fn read(a: &ReadArgs) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// `bdctl write`.

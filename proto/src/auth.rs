@@ -105,14 +105,7 @@ impl Keys {
 
 /// Decodes hex (either case); `None` if malformed.
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    hex::decode(s.trim()).ok()
 }
 
 /// A key file the agent follows: read again whenever it changes on disk

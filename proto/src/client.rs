@@ -128,7 +128,7 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let mut last = None;
         let mut stream = None;
-        for a in addr.to_socket_addrs().map_err(WireError::Io)? {
+        for a in addr.to_socket_addrs().map_err(WireError::from)? {
             match TcpStream::connect_timeout(&a, timeout) {
                 Ok(s) => {
                     stream = Some(s);
@@ -140,14 +140,14 @@ impl Client {
         let stream = stream.ok_or_else(|| {
             WireError::Io(last.unwrap_or_else(|| std::io::Error::other("no address")))
         })?;
-        stream.set_nodelay(true).map_err(WireError::Io)?;
+        stream.set_nodelay(true).map_err(WireError::from)?;
         stream
             .set_read_timeout(Some(timeout))
-            .map_err(WireError::Io)?;
+            .map_err(WireError::from)?;
         stream
             .set_write_timeout(Some(timeout))
-            .map_err(WireError::Io)?;
-        let mut r = BufReader::new(stream.try_clone().map_err(WireError::Io)?);
+            .map_err(WireError::from)?;
+        let mut r = BufReader::new(stream.try_clone().map_err(WireError::from)?);
         let mut w = BufWriter::new(stream);
 
         let (handshake, noise) = Initiator::start(key, vm, role).map_err(handshake_error)?;
@@ -160,7 +160,7 @@ impl Client {
                 noise,
             },
         )?;
-        w.flush().map_err(WireError::Io)?;
+        w.flush().map_err(WireError::from)?;
         // The answer comes in the clear: an ACCEPT opens only if the agent
         // holds the key; a refusal could be forged, but can do no more
         // than cutting the connection does.
@@ -244,7 +244,7 @@ impl Client {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         self.channel.send(&mut self.w, id, msg)?;
-        self.w.flush().map_err(WireError::Io)?;
+        self.w.flush().map_err(WireError::from)?;
         if self.r.buffer().is_empty() {
             crate::wire::spin_until_readable(
                 std::os::fd::AsRawFd::as_raw_fd(self.r.get_ref()),
@@ -352,7 +352,7 @@ impl Client {
                 in_flight.push_back((id, n));
                 next += n;
             }
-            self.w.flush().map_err(WireError::Io)?;
+            self.w.flush().map_err(WireError::from)?;
             let Some((id, n)) = in_flight.pop_front() else {
                 break;
             };

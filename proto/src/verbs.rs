@@ -271,7 +271,7 @@ pub fn parse_endpoint(json: &[u8]) -> Result<(Endpoint, [u8; 16]), VerbsError> {
 
 /// 32 hex digits.
 pub fn gid_hex(gid: &[u8; 16]) -> String {
-    gid.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(gid)
 }
 
 fn gid_from_hex(s: &str) -> Option<[u8; 16]> {

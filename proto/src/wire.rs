@@ -34,7 +34,10 @@ pub const MAX_HANDSHAKE_MSG: usize = 64;
 pub enum WireError {
     /// Socket error (including a peer that went away).
     #[error("connection error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    /// No reply (or request) within the socket's timeout.
+    #[error("timed out waiting for the other side")]
+    TimedOut,
     /// Not a frame of this protocol.
     #[error("bad frame: {0}")]
     Malformed(String),
@@ -48,6 +51,17 @@ pub enum WireError {
         "a frame failed its integrity check (altered, replayed, reordered or injected on the way)"
     )]
     Integrity,
+}
+
+impl From<io::Error> for WireError {
+    /// A socket timeout is its own error, so that it says "timed out"
+    /// rather than "Resource temporarily unavailable".
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::TimedOut,
+            _ => Self::Io(e),
+        }
+    }
 }
 
 fn malformed<T>(what: impl Into<String>) -> Result<T, WireError> {
@@ -707,6 +721,15 @@ mod tests {
         round_trip(Msg::Describe);
         round_trip(Msg::WriteOk);
         round_trip(Msg::AtomicOk(42));
+    }
+
+    #[test]
+    fn a_socket_timeout_says_timed_out() {
+        let e = WireError::from(io::Error::from(io::ErrorKind::WouldBlock));
+        assert!(matches!(e, WireError::TimedOut));
+        assert!(e.to_string().contains("timed out"), "{e}");
+        let e = WireError::from(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(matches!(e, WireError::Io(_)), "{e}");
     }
 
     #[test]

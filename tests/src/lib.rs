@@ -466,16 +466,16 @@ pub mod keys {
         32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47,
     ];
 
-    fn hex(k: &[u8]) -> String {
-        k.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     /// Writes a key file with the read and repair roles into `dir`.
     pub fn write_file(dir: &Path) -> PathBuf {
         let p = dir.join("keys.toml");
         std::fs::write(
             &p,
-            format!("read = \"{}\"\nrepair = \"{}\"\n", hex(&READ), hex(&REPAIR)),
+            format!(
+                "read = \"{}\"\nrepair = \"{}\"\n",
+                hex::encode(READ),
+                hex::encode(REPAIR)
+            ),
         )
         .expect("write key file");
         p
@@ -488,9 +488,9 @@ pub mod keys {
             &p,
             format!(
                 "read = \"{}\"\nrepair = \"{}\"\nforensic = \"{}\"\n",
-                hex(&READ),
-                hex(&REPAIR),
-                hex(&FORENSIC)
+                hex::encode(READ),
+                hex::encode(REPAIR),
+                hex::encode(FORENSIC)
             ),
         )
         .expect("write key file");

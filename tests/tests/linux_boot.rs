@@ -156,3 +156,47 @@ fn linux_full_boot_reaches_init() {
         assert!(!console.contains(line), "{line:?} in\n{console}");
     }
 }
+
+#[test]
+fn two_fetches_at_once_share_the_kernel_cache_safely() {
+    // A cache holding only the compressed kernel: both runs extract the
+    // vmlinux at the same time, into the same cache.
+    let kernel = debian_kernel(false);
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("debian-kernel");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = std::path::Path::new(&kernel).file_name().unwrap();
+    std::fs::copy(&kernel, dir.join(name)).unwrap();
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(repo_root().join("images/fetch-debian-kernel.sh"))
+                .arg("--vmlinux")
+                .env("BDVMM_CACHE_DIR", cache.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut paths = Vec::new();
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a concurrent fetch failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        paths.push(String::from_utf8(out.stdout).unwrap().trim().to_owned());
+    }
+    assert_eq!(paths[0], paths[1]);
+    let elf = std::fs::read(&paths[0]).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF", "the vmlinux is an ELF file");
+    // No temporary file is left behind.
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -6,7 +6,7 @@
 //! See docs/api.md for the fields.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -431,23 +431,42 @@ impl MutEventSubscriber for ApiServer {
     }
 }
 
+/// How long a client waits for a reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest reply a client reads (the largest, `vcpus` of many vCPUs,
+/// is far smaller).
+const MAX_REPLY_BYTES: u64 = 4 << 20;
+
 /// Client side: sends `{"cmd": cmd}` to the socket at `path` and returns the reply.
 pub fn request(path: &Path, cmd: &str) -> Result<serde_json::Value, String> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot connect to control socket {}: {e}", path.display()))?;
-    let io = |e: io::Error| format!("control socket {}: {e}", path.display());
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
+    let io = |e: io::Error| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            format!(
+                "control socket {}: timed out after {} s waiting for a reply",
+                path.display(),
+                REPLY_TIMEOUT.as_secs()
+            )
+        } else {
+            format!("control socket {}: {e}", path.display())
+        }
+    };
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
     stream
         .write_all(format!("{{\"cmd\":\"{cmd}\"}}\n").as_bytes())
         .map_err(io)?;
-    let mut reply = Vec::new();
-    let mut byte = [0u8; 1];
-    while stream.read(&mut byte).map_err(io)? == 1 && byte[0] != b'\n' {
-        reply.push(byte[0]);
-    }
-    serde_json::from_slice(&reply).map_err(|e| format!("bad reply from {}: {e}", path.display()))
+    // One line, and no more than a reply can be: a peer that never sends
+    // a newline cannot make the client buffer without end.
+    let mut reply = String::new();
+    io::BufReader::new(stream)
+        .take(MAX_REPLY_BYTES)
+        .read_line(&mut reply)
+        .map_err(io)?;
+    serde_json::from_str(&reply).map_err(|e| format!("bad reply from {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -308,9 +308,7 @@ fn exit_name(why: &VmExit) -> &'static str {
 /// runs of bdvmm are unlikely to be confused by a monitor.
 fn random_generation() -> u32 {
     let mut b = [0u8; 4];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    let g = if n == 4 {
+    let g = if getrandom::fill(&mut b).is_ok() {
         u32::from_ne_bytes(b)
     } else {
         // Fall back on the clock: uniqueness across runs is all that matters.
