@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
@@ -13,6 +13,11 @@ use crate::lifecycle::{Lifecycle, VmExit};
 
 /// The eventfd the signal handler writes to (-1 until installed).
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// That eventfd, open for the whole process: every boot's loop (one per
+/// reboot) watches the same one, so the handler never writes into a
+/// number that a later file reused, and a signal that arrives between two
+/// boots stops the next one.
+static SIGNAL_EVT: OnceLock<EventFd> = OnceLock::new();
 /// The last termination signal received.
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
@@ -40,13 +45,13 @@ pub enum EventLoopError {
 
 /// Turns termination signals into a VM exit.
 struct SignalWatcher {
-    evt: EventFd,
+    evt: &'static EventFd,
     lifecycle: Arc<Lifecycle>,
 }
 
 impl MutEventSubscriber for SignalWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.evt, EventSet::IN));
+        let _ = ops.add(Events::new(self.evt, EventSet::IN));
     }
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.evt.read();
@@ -72,15 +77,28 @@ impl MutEventSubscriber for ExitWatcher {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// The process's signal eventfd, with the handlers installed on first use.
+fn signal_event() -> Result<&'static EventFd, String> {
+    if let Some(evt) = SIGNAL_EVT.get() {
+        return Ok(evt);
+    }
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("signal eventfd: {e}"))?;
+    // Only the main thread gets here; a lost race would keep the first.
+    let _ = SIGNAL_EVT.set(evt);
+    let evt = SIGNAL_EVT.get().ok_or("signal eventfd: not set")?;
+    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, on_termination_signal)
+            .map_err(|e| format!("signal handler: {e}"))?;
+    }
+    Ok(evt)
+}
+
 /// Runs until the VM has an exit reason, then returns it.
 pub fn run(lifecycle: Arc<Lifecycle>, extra: Vec<Subscriber>) -> Result<VmExit, EventLoopError> {
     let setup = |e: &dyn std::fmt::Debug| EventLoopError::Setup(format!("{e:?}"));
     let mut em: EventManager<Subscriber> = EventManager::new().map_err(|e| setup(&e))?;
-    let sig_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| setup(&e))?;
-    SIGNAL_FD.store(sig_evt.as_raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(sig, on_termination_signal).map_err(|e| setup(&e))?;
-    }
+    let sig_evt = signal_event().map_err(EventLoopError::Setup)?;
     em.add_subscriber(Arc::new(Mutex::new(SignalWatcher {
         evt: sig_evt,
         lifecycle: lifecycle.clone(),

@@ -283,11 +283,17 @@ impl Vmm {
         loop {
             let machine = Machine::build(&self, boots)?;
             self.vcpus.set(Some(machine.control.clone()));
-            let why = machine.run(self.config.api_sock.as_deref());
+            let outcome = machine.run(self.config.api_sock.as_deref());
             self.vcpus.set(None);
-            let why = why?;
+            let Stopped { why, vcpus_left } = outcome?;
             let reset = matches!(why, VmExit::Reset | VmExit::TripleFault { .. });
             if !(reset && self.config.on_reset == OnReset::Reboot) {
+                return Ok(why);
+            }
+            if vcpus_left {
+                // A new boot would start vCPUs on RAM the old ones may still
+                // write: the guest's reset ends the run instead.
+                eprintln!("bdvmm: guest reset ({}), but its vCPU threads did not stop within {} s: not rebooting", exit_name(&why), VCPU_STOP_TIMEOUT.as_secs());
                 return Ok(why);
             }
             let generation = self.backdoor.reset();
@@ -438,7 +444,7 @@ impl Machine {
     }
 
     /// Runs this boot until the VM has an exit reason.
-    fn run(mut self, api_sock: Option<&std::path::Path>) -> Result<VmExit, VmmError> {
+    fn run(mut self, api_sock: Option<&std::path::Path>) -> Result<Stopped, VmmError> {
         let mut extra: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> = Vec::new();
         extra.push(Arc::new(Mutex::new(ConsoleInput::stdin(self.com1.clone()))));
         if let Some(path) = api_sock {
@@ -472,14 +478,27 @@ impl Machine {
                 detail: e.to_string(),
             });
         }
-        if !self.lifecycle.wait_vcpus_exited(VCPU_STOP_TIMEOUT) {
+        let vcpus_left = !self.lifecycle.wait_vcpus_exited(VCPU_STOP_TIMEOUT);
+        if vcpus_left {
             tracing::warn!(
-                "vCPU threads did not leave KVM_RUN within {} s; exiting anyway",
+                "vCPU threads did not leave KVM_RUN within {} s",
                 VCPU_STOP_TIMEOUT.as_secs()
             );
         }
-        Ok(result?)
+        Ok(Stopped {
+            why: result?,
+            vcpus_left,
+        })
     }
+}
+
+/// How one boot ended.
+#[derive(Debug)]
+struct Stopped {
+    /// Why the VM stopped.
+    why: VmExit,
+    /// Whether vCPU threads were still in KVM_RUN after the stop timeout.
+    vcpus_left: bool,
 }
 
 fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
