@@ -1,10 +1,21 @@
-//! Prometheus metrics over HTTP (`bdctl watch --metrics ADDR`): the watch
-//! loop renders the exposition text after each round; a small server
-//! thread answers `GET /metrics` with the latest one.
+//! Prometheus metrics over HTTP (`bdctl watch --metrics ADDR`): after each
+//! round the watch loop fills a fresh [`Round`] (prometheus-client's
+//! registry, so the exposition format is the library's, not ours) and
+//! encodes it; a tiny_http server answers `GET /metrics` with the latest
+//! encoding. A fresh registry per round means a counter that disappeared
+//! from the guest disappears from the metrics too.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of the OpenMetrics text format.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The latest exposition text.
 #[derive(Debug, Default, Clone)]
@@ -23,40 +34,215 @@ impl Exposition {
 
 /// Serves `exposition` on `addr` from a thread; returns the bound address.
 pub fn serve(addr: &str, exposition: Exposition) -> std::io::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
-    std::thread::Builder::new().name("bdctl-metrics".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-            let mut line = String::new();
-            let mut reader = BufReader::new(&stream);
-            if reader.read_line(&mut line).is_err() {
-                continue;
+    let server = tiny_http::Server::http(addr).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| std::io::Error::other("the metrics listener has no IP address"))?;
+    std::thread::Builder::new()
+        .name("bdctl-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response =
+                    if *request.method() == tiny_http::Method::Get && request.url() == "/metrics" {
+                        let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE)
+                            .expect("a valid header");
+                        tiny_http::Response::from_string(exposition.get()).with_header(header)
+                    } else {
+                        tiny_http::Response::from_string("try GET /metrics\n").with_status_code(404)
+                    };
+                let _ = request.respond(response);
             }
-            // Drain the request headers.
-            let mut h = String::new();
-            while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                h.clear();
-            }
-            let (status, body) = if line.starts_with("GET /metrics") {
-                ("200 OK", exposition.get())
-            } else {
-                ("404 Not Found", "try /metrics\n".to_owned())
-            };
-            let mut s = &stream;
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    })?;
+        })?;
     Ok(bound)
 }
 
-/// Escapes a label value.
-pub fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    target: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabels {
+    target: String,
+    counter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    target: String,
+    event: String,
+}
+
+/// One round's metrics.
+#[derive(Debug)]
+pub struct Round {
+    registry: Registry,
+    up: Family<TargetLabels, Gauge>,
+    verdict: Family<VerdictLabels, Gauge>,
+    generation: Family<TargetLabels, Gauge>,
+    tamper_count: Family<TargetLabels, Gauge>,
+    counter: Family<CounterLabels, Gauge<u64, AtomicU64>>,
+    events: Family<EventLabels, Counter>,
+    poll_seconds: Family<TargetLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Round {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Round {
+    /// An empty round with every family registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let up = Family::default();
+        let verdict = Family::default();
+        let generation = Family::default();
+        let tamper_count = Family::default();
+        let counter = Family::default();
+        let events = Family::default();
+        let poll_seconds = Family::default();
+        registry.register(
+            "bdctl_target_up",
+            "Whether the target's backdoor could be read at the last poll",
+            up.clone(),
+        );
+        registry.register(
+            "bdctl_target_verdict",
+            "The target's verdict (1 for the current one)",
+            verdict.clone(),
+        );
+        registry.register(
+            "bdctl_target_generation",
+            "Backdoor generation (changes on guest reset)",
+            generation.clone(),
+        );
+        registry.register(
+            "bdctl_target_tamper_count",
+            "Commands the guest's device refused after the seal",
+            tamper_count.clone(),
+        );
+        registry.register(
+            "bdctl_counter_value",
+            "A progress counter's value",
+            counter.clone(),
+        );
+        registry.register("bdctl_events", "Events reported, by kind", events.clone());
+        registry.register(
+            "bdctl_poll_duration_seconds",
+            "How long the last poll of a target took",
+            poll_seconds.clone(),
+        );
+        Self {
+            registry,
+            up,
+            verdict,
+            generation,
+            tamper_count,
+            counter,
+            events,
+            poll_seconds,
+        }
+    }
+
+    /// A target's reachability, verdict (one of `verdicts` is `current`)
+    /// and last poll's duration.
+    pub fn target(
+        &self,
+        target: &str,
+        up: bool,
+        verdicts: &[&str],
+        current: Option<&str>,
+        poll_seconds: f64,
+    ) {
+        let t = TargetLabels {
+            target: target.to_owned(),
+        };
+        self.up.get_or_create(&t).set(i64::from(up));
+        for v in verdicts {
+            self.verdict
+                .get_or_create(&VerdictLabels {
+                    target: target.to_owned(),
+                    verdict: (*v).to_owned(),
+                })
+                .set(i64::from(current == Some(*v)));
+        }
+        self.poll_seconds.get_or_create(&t).set(poll_seconds);
+    }
+
+    /// What the last poll of a target read: its generation and tamper count.
+    pub fn backdoor(&self, target: &str, generation: u32, tamper_count: u32) {
+        let t = TargetLabels {
+            target: target.to_owned(),
+        };
+        self.generation.get_or_create(&t).set(i64::from(generation));
+        self.tamper_count
+            .get_or_create(&t)
+            .set(i64::from(tamper_count));
+    }
+
+    /// A progress counter's value.
+    pub fn counter(&self, target: &str, counter: &str, value: u64) {
+        self.counter
+            .get_or_create(&CounterLabels {
+                target: target.to_owned(),
+                counter: counter.to_owned(),
+            })
+            .set(value);
+    }
+
+    /// How many events of a kind a target has had.
+    pub fn events(&self, target: &str, event: &str, n: u64) {
+        self.events
+            .get_or_create(&EventLabels {
+                target: target.to_owned(),
+                event: event.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// The round in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_encodes_every_family_with_its_labels_escaped() {
+        let r = Round::new();
+        r.target("vm\"1", true, &["healthy", "hung"], Some("healthy"), 0.25);
+        r.backdoor("vm\"1", 7, 2);
+        r.counter("vm\"1", "kernel", u64::MAX);
+        r.events("vm\"1", "hung", 2);
+        let text = r.encode();
+        for line in [
+            r#"bdctl_target_up{target="vm\"1"} 1"#,
+            r#"bdctl_target_verdict{target="vm\"1",verdict="healthy"} 1"#,
+            r#"bdctl_target_verdict{target="vm\"1",verdict="hung"} 0"#,
+            r#"bdctl_target_generation{target="vm\"1"} 7"#,
+            r#"bdctl_target_tamper_count{target="vm\"1"} 2"#,
+            r#"bdctl_counter_value{target="vm\"1",counter="kernel"} 18446744073709551615"#,
+            r#"bdctl_events_total{target="vm\"1",event="hung"} 2"#,
+            r#"bdctl_poll_duration_seconds{target="vm\"1"} 0.25"#,
+            "# TYPE bdctl_events counter",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
 }

@@ -491,79 +491,27 @@ fn draw_table(watched: &[Watched], recent: &[String]) {
 }
 
 fn render_metrics(watched: &[Watched]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# HELP bdctl_target_up Whether the target's backdoor could be read at the last poll.\n# TYPE bdctl_target_up gauge");
+    let round = metrics::Round::new();
     for w in watched {
-        let up = !matches!(w.judge.verdict(), Some(Verdict::Unreachable { .. }) | None);
-        let _ = writeln!(
-            s,
-            "bdctl_target_up{{target=\"{}\"}} {}",
-            metrics::label(&w.target.name),
-            u8::from(up)
+        let name = &w.target.name;
+        let verdict = w.judge.verdict();
+        let up = !matches!(verdict, Some(Verdict::Unreachable { .. }) | None);
+        round.target(
+            name,
+            up,
+            &["healthy", "idle", "hung", "unreachable"],
+            verdict.map(|v| v.name()),
+            w.poll_seconds,
         );
-    }
-    let _ = writeln!(s, "# HELP bdctl_target_verdict The target's verdict (1 for the current one).\n# TYPE bdctl_target_verdict gauge");
-    for w in watched {
-        for v in ["healthy", "idle", "hung", "unreachable"] {
-            let cur = w.judge.verdict().is_some_and(|x| x.name() == v);
-            let _ = writeln!(
-                s,
-                "bdctl_target_verdict{{target=\"{}\",verdict=\"{v}\"}} {}",
-                metrics::label(&w.target.name),
-                u8::from(cur)
-            );
-        }
-    }
-    let _ = writeln!(s, "# HELP bdctl_target_generation Backdoor generation (changes on guest reset).\n# TYPE bdctl_target_generation gauge");
-    let _ = writeln!(s, "# HELP bdctl_target_tamper_count Commands the guest's device refused after the seal.\n# TYPE bdctl_target_tamper_count gauge");
-    let _ = writeln!(
-        s,
-        "# HELP bdctl_counter_value A progress counter's value.\n# TYPE bdctl_counter_value gauge"
-    );
-    for w in watched {
-        let t = metrics::label(&w.target.name);
         if let Some(o) = &w.last {
-            let _ = writeln!(
-                s,
-                "bdctl_target_generation{{target=\"{t}\"}} {}",
-                o.generation
-            );
-            let _ = writeln!(
-                s,
-                "bdctl_target_tamper_count{{target=\"{t}\"}} {}",
-                o.tamper_count
-            );
+            round.backdoor(name, o.generation, o.tamper_count);
             for c in &o.counters {
-                let _ = writeln!(
-                    s,
-                    "bdctl_counter_value{{target=\"{t}\",counter=\"{}\"}} {}",
-                    metrics::label(&c.name()),
-                    c.counter.value
-                );
+                round.counter(name, &c.name(), c.counter.value);
             }
         }
-    }
-    let _ = writeln!(
-        s,
-        "# HELP bdctl_events_total Events reported, by kind.\n# TYPE bdctl_events_total counter"
-    );
-    for w in watched {
         for (k, n) in &w.events {
-            let _ = writeln!(
-                s,
-                "bdctl_events_total{{target=\"{}\",event=\"{k}\"}} {n}",
-                metrics::label(&w.target.name)
-            );
+            round.events(name, k, *n);
         }
     }
-    let _ = writeln!(s, "# HELP bdctl_poll_duration_seconds How long the last poll of a target took.\n# TYPE bdctl_poll_duration_seconds gauge");
-    for w in watched {
-        let _ = writeln!(
-            s,
-            "bdctl_poll_duration_seconds{{target=\"{}\"}} {:.6}",
-            metrics::label(&w.target.name),
-            w.poll_seconds
-        );
-    }
-    s
+    round.encode()
 }
