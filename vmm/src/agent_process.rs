@@ -11,30 +11,54 @@ use backdoor_agent::{vmm_link, Agent, DescriptorSource};
 
 use crate::cli::AgentArgs;
 
+/// Why `bdvmm agent` could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentProcessError {
+    /// The key file cannot be used.
+    #[error(transparent)]
+    Keys(#[from] backdoor_agent::auth::KeyError),
+    /// A socket could not be set up.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// The address or path.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another agent is serving on that socket.
+    #[error("{0} is in use by a live agent")]
+    InUse(String),
+    /// The VMM's link failed.
+    #[error(transparent)]
+    Link(#[from] vmm_link::LinkError),
+}
+
+fn listen(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> AgentProcessError {
+    let what = what.to_string();
+    move |source| AgentProcessError::Listen { what, source }
+}
+
 /// Runs the agent until the process is killed.
-pub fn run(args: &AgentArgs) -> Result<(), String> {
-    let key_file = KeyFile::load(&args.keys).map_err(|e| e.to_string())?;
-    let tcp = TcpListener::bind(&args.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+pub fn run(args: &AgentArgs) -> Result<(), AgentProcessError> {
+    let key_file = KeyFile::load(&args.keys)?;
+    let tcp = TcpListener::bind(&args.listen).map_err(listen(&args.listen))?;
+    let addr = tcp.local_addr().map_err(listen(&args.listen))?;
     if args.vmm_sock.exists() {
         // A live agent answers there: leave it alone (removing its path
         // would orphan it). Only a stale socket of a dead one is replaced.
         if std::os::unix::net::UnixStream::connect(&args.vmm_sock).is_ok() {
-            return Err(format!(
-                "{} is in use by a live agent",
-                args.vmm_sock.display()
+            return Err(AgentProcessError::InUse(
+                args.vmm_sock.display().to_string(),
             ));
         }
         let _ = std::fs::remove_file(&args.vmm_sock);
     }
-    let unix = UnixListener::bind(&args.vmm_sock)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.vmm_sock.display()))?;
+    let unix = UnixListener::bind(&args.vmm_sock).map_err(listen(args.vmm_sock.display()))?;
     eprintln!(
         "bdvmm agent: monitors connect to {addr}; waiting for a VMM on {}",
         args.vmm_sock.display()
     );
-    let (vm, mem, table, vcpus) = vmm_link::accept(&unix).map_err(|e| e.to_string())?;
+    let (vm, mem, table, vcpus) = vmm_link::accept(&unix)?;
     eprintln!("bdvmm agent: serving the backdoor of {vm}");
     let source: Arc<dyn DescriptorSource> = table;
     let agent = Agent::new(
@@ -47,7 +71,7 @@ pub fn run(args: &AgentArgs) -> Result<(), String> {
     .with_busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
     .with_vcpus(vcpus);
     let agent = Arc::new(with_verbs(agent, mem, &source));
-    let handle = agent.serve(tcp).map_err(|e| e.to_string())?;
+    let handle = agent.serve(tcp).map_err(listen(addr))?;
     let _ = handle.join();
     Ok(())
 }

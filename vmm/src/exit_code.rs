@@ -4,6 +4,34 @@ use std::process::ExitCode;
 
 use crate::lifecycle::VmExit;
 
+/// Everything that keeps a bdvmm command from doing its job, each mapped
+/// to its exit status ([`MainError::exit`]); `main` prints it once.
+#[derive(Debug, thiserror::Error)]
+pub enum MainError {
+    /// The command line describes no VM bdvmm can build.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The VM could not be built or run.
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::VmmError),
+    /// `bdvmm agent` could not serve.
+    #[error(transparent)]
+    Agent(#[from] crate::agent_process::AgentProcessError),
+    /// `bdvmm ctl` got no reply.
+    #[error("{0}")]
+    Control(String),
+    /// `bdvmm ctl` got a reply that says the request failed (printed already).
+    #[error("the VMM refused the request")]
+    Refused,
+}
+
+impl MainError {
+    /// The exit status this error gives.
+    pub fn exit(&self) -> BdvmmExit {
+        BdvmmExit::Error
+    }
+}
+
 /// Every exit status bdvmm uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

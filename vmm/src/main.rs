@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use bdvmm::cli::{Cli, Command};
 use bdvmm::config::VmConfig;
-use bdvmm::exit_code::BdvmmExit;
+use bdvmm::exit_code::{BdvmmExit, MainError};
 use bdvmm::vmm::Vmm;
 use clap::Parser;
 
@@ -19,62 +19,49 @@ fn main() -> ExitCode {
         // Colour only for a person at a terminal, never into a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli.command {
-        Command::Run(args) => run(args).into(),
-        Command::Ctl(args) => ctl(args).into(),
-        Command::Agent(args) => agent(args).into(),
+    match dispatch(cli.command) {
+        Ok(code) => code.into(),
+        // The refusal is the reply already printed.
+        Err(e @ MainError::Refused) => e.exit().into(),
+        Err(e) => {
+            eprintln!("bdvmm: error: {e}");
+            e.exit().into()
+        }
     }
 }
 
-/// The separate agent: waits for one VMM, then serves its guest RAM for
-/// as long as it runs (SIGTERM or SIGKILL ends it).
-fn agent(args: bdvmm::cli::AgentArgs) -> BdvmmExit {
-    match bdvmm::agent_process::run(&args) {
-        Ok(()) => BdvmmExit::Ok,
-        Err(e) => {
-            eprintln!("bdvmm agent: error: {e}");
-            BdvmmExit::Error
+fn dispatch(command: Command) -> Result<BdvmmExit, MainError> {
+    match command {
+        Command::Run(args) => run(args),
+        Command::Ctl(args) => ctl(&args),
+        Command::Agent(args) => {
+            // Runs until the process is killed.
+            bdvmm::agent_process::run(&args)?;
+            Ok(BdvmmExit::Ok)
         }
     }
 }
 
 /// One request, one reply line on stdout; exit 1 if the reply is an error.
-fn ctl(args: bdvmm::cli::CtlArgs) -> BdvmmExit {
-    match bdvmm::api::request(&args.api_sock, args.cmd.name()) {
-        Ok(reply) => {
-            println!("{reply}");
-            if reply["ok"] == true {
-                BdvmmExit::Ok
-            } else {
-                BdvmmExit::Error
-            }
-        }
-        Err(e) => {
-            eprintln!("bdvmm: error: {e}");
-            BdvmmExit::Error
-        }
+fn ctl(args: &bdvmm::cli::CtlArgs) -> Result<BdvmmExit, MainError> {
+    let reply = bdvmm::api::request(&args.api_sock, args.cmd.name()).map_err(MainError::Control)?;
+    println!("{reply}");
+    if reply["ok"] == true {
+        Ok(BdvmmExit::Ok)
+    } else {
+        Err(MainError::Refused)
     }
 }
 
-fn run(args: bdvmm::cli::RunArgs) -> BdvmmExit {
-    let result = VmConfig::try_from(args)
-        .map_err(|e| e.to_string())
-        .and_then(|config| Vmm::new(config).map_err(|e| e.to_string()))
-        .and_then(|vmm| vmm.run().map_err(|e| e.to_string()));
-    match result {
-        Ok(why) => {
-            let code = BdvmmExit::from(&why);
-            if code != BdvmmExit::Ok {
-                eprintln!(
-                    "bdvmm: guest stopped: {}",
-                    serde_json::to_string(&why).unwrap_or_default()
-                );
-            }
-            code
-        }
-        Err(e) => {
-            eprintln!("bdvmm: error: {e}");
-            BdvmmExit::Error
-        }
+/// Builds and runs the VM; a guest that stopped other than cleanly says why.
+fn run(args: bdvmm::cli::RunArgs) -> Result<BdvmmExit, MainError> {
+    let why = Vmm::new(VmConfig::try_from(args)?)?.run()?;
+    let code = BdvmmExit::from(&why);
+    if code != BdvmmExit::Ok {
+        eprintln!(
+            "bdvmm: guest stopped: {}",
+            serde_json::to_string(&why).unwrap_or_default()
+        );
     }
+    Ok(code)
 }
