@@ -5,6 +5,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use linux_loader::cmdline::{Cmdline, Error as CmdlineError};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
@@ -66,9 +69,12 @@ pub enum LinuxBootError {
         kernel_end: u64,
         limit: u64,
     },
-    /// The command line is too long or contains a NUL byte.
+    /// The command line is too long or holds what it may not.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
+    /// linux-loader could not write the zero page.
+    #[error("cannot write the zero page into guest memory: {0}")]
+    ZeroPage(String),
     /// Writing boot structures into guest memory failed.
     #[error("cannot write {what} into guest memory: {source}")]
     GuestWrite {
@@ -153,12 +159,14 @@ pub fn load(
         KernelFormat::Elf => loaded.kernel_load.0,
     };
 
-    let cmdline_bytes = cmdline_with_nul(cmdline, loaded.setup_header.as_ref())?;
-    mem.write_slice(&cmdline_bytes, GuestAddress(layout::CMDLINE_ADDR))
-        .map_err(|source| LinuxBootError::GuestWrite {
-            what: "the command line",
-            source,
-        })?;
+    let cmdline = kernel_cmdline(cmdline, loaded.setup_header.as_ref())?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline)
+        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?
+        .as_bytes()
+        .len();
 
     let low_ram_end = mem_size.min(layout::MMIO_GAP_START);
     let initrd_placed = match initrd {
@@ -172,42 +180,41 @@ pub fn load(
         None => None,
     };
 
-    let params = build_boot_params(
-        loaded.setup_header,
-        cmdline_bytes.len() - 1,
-        initrd_placed,
-        mem_size,
-    );
-    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_ADDR))
-        .map_err(|source| LinuxBootError::GuestWrite {
-            what: "the zero page",
-            source,
-        })?;
+    let params = build_boot_params(loaded.setup_header, cmdline_len, initrd_placed, mem_size);
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE_ADDR)),
+        mem,
+    )
+    .map_err(|e| LinuxBootError::ZeroPage(e.to_string()))?;
     Ok(LinuxEntry {
         entry,
         zero_page: layout::ZERO_PAGE_ADDR,
     })
 }
 
-fn cmdline_with_nul(cmdline: &str, hdr: Option<&setup_header>) -> Result<Vec<u8>, LinuxBootError> {
-    if cmdline.as_bytes().contains(&0) {
-        return Err(LinuxBootError::Cmdline("it contains a NUL byte".into()));
-    }
-    // The kernel's own limit when it states one (protocol >= 2.06), else ours.
+/// The command line as linux-loader builds it: printable ASCII only, and
+/// no longer than the kernel's own limit when it states one (protocol
+/// 2.06 and later) or than the room bdvmm gives it.
+fn kernel_cmdline(text: &str, hdr: Option<&setup_header>) -> Result<Cmdline, LinuxBootError> {
     let limit = hdr
         .map(|h| h.cmdline_size as usize)
         .filter(|&n| n > 0)
         .unwrap_or(layout::CMDLINE_MAX - 1)
         .min(layout::CMDLINE_MAX - 1);
-    if cmdline.len() > limit {
-        return Err(LinuxBootError::Cmdline(format!(
-            "it is {} bytes long; the limit is {limit}",
-            cmdline.len()
-        )));
-    }
-    let mut v = cmdline.as_bytes().to_vec();
-    v.push(0);
-    Ok(v)
+    let mut cmdline =
+        Cmdline::new(limit + 1).map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+    cmdline.insert_str(text).map_err(|e| {
+        LinuxBootError::Cmdline(match e {
+            CmdlineError::TooLarge => {
+                format!("it is {} bytes long; the limit is {limit}", text.len())
+            }
+            CmdlineError::InvalidAscii => {
+                "it may hold only printable ASCII characters (no NUL, tab or newline)".into()
+            }
+            e => e.to_string(),
+        })
+    })?;
+    Ok(cmdline)
 }
 
 /// Where an initrd was placed.
@@ -430,10 +437,22 @@ mod tests {
 
     #[test]
     fn command_line_limits_are_enforced() {
-        assert!(cmdline_with_nul("console=ttyS0", None)
-            .unwrap()
-            .ends_with(b"ttyS0\0"));
-        assert!(cmdline_with_nul(&"x".repeat(3000), None).is_err());
-        assert!(cmdline_with_nul("a\0b", None).is_err());
+        let c = kernel_cmdline("console=ttyS0 bdvmm.test=1", None).unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().as_bytes_with_nul(),
+            b"console=ttyS0 bdvmm.test=1\0"
+        );
+        let long = kernel_cmdline(&"x".repeat(3000), None).unwrap_err();
+        assert!(long.to_string().contains("3000 bytes long"), "{long}");
+        for bad in ["a\0b", "a\tb", "caf\u{e9}"] {
+            assert!(kernel_cmdline(bad, None).is_err(), "{bad:?}");
+        }
+        // The kernel's own, smaller limit wins.
+        let hdr = setup_header {
+            cmdline_size: 16,
+            ..Default::default()
+        };
+        assert!(kernel_cmdline(&"y".repeat(16), Some(&hdr)).is_ok());
+        assert!(kernel_cmdline(&"y".repeat(17), Some(&hdr)).is_err());
     }
 }
