@@ -206,6 +206,7 @@ impl Judge {
     /// what changed.
     pub fn observe(&mut self, now: Instant, poll: Result<&Observation, String>) -> Vec<Event> {
         let mut events = Vec::new();
+        let mut rebooted = false;
         let verdict = match poll {
             Err(reason) => {
                 self.restart_clocks = true;
@@ -219,6 +220,7 @@ impl Judge {
                     });
                     self.tracks.clear();
                     self.tamper = None;
+                    rebooted = true;
                 }
                 self.generation = Some(obs.generation);
                 if let Some(t) = self.tamper.filter(|&t| obs.tamper_count > t) {
@@ -231,7 +233,9 @@ impl Judge {
                 self.judge(now, obs)
             }
         };
-        let changed = self.verdict.as_ref().is_none_or(|v| !v.same(&verdict));
+        // A new generation's verdict is always announced, even where it
+        // equals the last one: it is about another boot of the guest.
+        let changed = rebooted || self.verdict.as_ref().is_none_or(|v| !v.same(&verdict));
         if changed {
             let generation = (!matches!(verdict, Verdict::Unreachable { .. }))
                 .then_some(self.generation)
@@ -529,6 +533,16 @@ mod tests {
         assert_eq!(ev, vec![Event::Tampered { from: 0, to: 2 }]);
         assert!(j.observe(t0, Ok(&obs(1, 2, c.clone()))).is_empty());
         let ev = j.observe(t0, Ok(&obs(2, 0, c)));
-        assert_eq!(ev, vec![Event::Rebooted { from: 1, to: 2 }]);
+        assert_eq!(ev[0], Event::Rebooted { from: 1, to: 2 });
+        assert!(
+            matches!(
+                ev.get(1),
+                Some(Event::Verdict {
+                    generation: Some(2),
+                    ..
+                })
+            ),
+            "the new boot's verdict is announced even where it is unchanged: {ev:?}"
+        );
     }
 }
