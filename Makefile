@@ -19,16 +19,22 @@ guests:
 image:
 	@./images/build-image.sh
 
-# backdoor.ko with the kernel's extra warnings (W=1) against KDIR (default:
-# the newest /usr/src/linux-headers-*-amd64); any compiler warning fails it.
+# backdoor.ko with the kernel's extra warnings (W=1) and sparse (C=1)
+# against KDIR (default: the newest /usr/src/linux-headers-*-amd64); any
+# compiler or sparse warning fails it.
 KDIR ?= $(shell ls -dv /usr/src/linux-headers-*-amd64 2>/dev/null | tail -n 1)
 .PHONY: module
 module:
 	@test -n "$(KDIR)" || { echo "module: no kernel headers: apt-get install linux-headers-amd64, or pass KDIR=" >&2; exit 1; }
 	@$(MAKE) -s -C guest-driver KDIR=$(KDIR) clean
-	@$(MAKE) -C guest-driver KDIR=$(KDIR) W=1 >guest-driver/build.log 2>&1 || { cat guest-driver/build.log; exit 1; }
+	@$(MAKE) -C guest-driver KDIR=$(KDIR) W=1 C=1 >guest-driver/build.log 2>&1 || { cat guest-driver/build.log; exit 1; }
 	@cat guest-driver/build.log
-	@! grep -q 'warning:' guest-driver/build.log || { echo "module: the build has warnings (W=1)" >&2; exit 1; }
+	@! grep -q 'warning:' guest-driver/build.log || { echo "module: the build has warnings (W=1, sparse)" >&2; exit 1; }
+
+# The kernel's style check on the driver (checkpatch.pl --strict).
+.PHONY: checkpatch
+checkpatch:
+	@./tools/checkpatch.sh
 
 # What the system must provide (tools/deps.sh): checked every time, and
 # installed in one apt-get when run as root on Debian or Ubuntu.
@@ -50,7 +56,7 @@ demo-linux: deps-test guests
 
 # Style, lints, and every test: on this host, then in the lab whatever
 # needs VMX/SVM or RDMA this host lacks. CI runs exactly this.
-test: deps-test guests module
+test: deps-test guests module checkpatch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p backdoor-proto -p backdoor-agent -p bdvmm -p bdctl --features backdoor-agent/verbs,bdvmm/verbs,bdctl/verbs --all-targets -- -D warnings

@@ -2,7 +2,9 @@
 /*
  * The kernel APIs backdoor.ko uses that changed between 5.10 and today.
  * An out-of-tree module builds against every one of those kernels, so
- * (unlike in-tree code) it has to ask which one it is built against.
+ * (unlike in-tree code) it has to ask what the one it is built against
+ * offers: Kbuild looks in its headers and defines BD_HAVE_* (not version
+ * numbers: distributions backport).
  */
 #ifndef BACKDOOR_COMPAT_H
 #define BACKDOOR_COMPAT_H
@@ -10,17 +12,16 @@
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/timer.h>
-#include <linux/version.h>
 
 /* 6.9 moved vmcoreinfo (paddr_vmcoreinfo_note, ...) out of crash_core.h. */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+#ifdef BD_HAVE_VMCORE_INFO_H
 #include <linux/vmcore_info.h>
 #endif
 
 /* 6.2 renamed del_timer_sync(); later kernels dropped the old name. */
 static inline void bd_timer_delete_sync(struct timer_list *t)
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
+#ifdef BD_HAVE_TIMER_DELETE_SYNC
 	timer_delete_sync(t);
 #else
 	del_timer_sync(t);
@@ -31,7 +32,7 @@ static inline void bd_timer_delete_sync(struct timer_list *t)
 static inline void bd_vm_flags_mod(struct vm_area_struct *vma,
 				   vm_flags_t set, vm_flags_t clear)
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+#ifdef BD_HAVE_VM_FLAGS_MOD
 	vm_flags_mod(vma, set, clear);
 #else
 	vma->vm_flags = (vma->vm_flags | set) & ~clear;
@@ -41,7 +42,7 @@ static inline void bd_vm_flags_mod(struct vm_area_struct *vma,
 /* 6.4 split a module's memory into mem[] by type. */
 static inline void *bd_module_text(struct module *m)
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+#ifdef BD_HAVE_MODULE_MEM
 	return m->mem[MOD_TEXT].base;
 #else
 	return m->core_layout.base;
@@ -50,7 +51,7 @@ static inline void *bd_module_text(struct module *m)
 
 static inline unsigned int bd_module_text_size(struct module *m)
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+#ifdef BD_HAVE_MODULE_MEM
 	return m->mem[MOD_TEXT].size;
 #else
 	return m->core_layout.text_size;

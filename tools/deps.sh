@@ -26,9 +26,10 @@ readonly PROG=${0##*/}
 readonly DEMO=(gcc libc6-dev make python3)
 # xz-utils: kernel extraction; util-linux: unshare/setpriv (the /dev/kvm
 # error tests) and flock; cpio; iproute2: network namespaces (the cut-link
-# test); kmod: depmod for the guest kernel's modules; linux-headers-amd64:
-# `make module` (W=1); cmake..libibverbs-dev: the RDMA verbs backend.
-readonly TEST=(xz-utils util-linux cpio iproute2 kmod linux-headers-amd64
+# test); kmod: depmod for the guest kernel's modules; linux-headers-amd64,
+# sparse: `make module` (W=1, C=1); linux-source: checkpatch.pl (`make
+# checkpatch`); cmake..libibverbs-dev: the RDMA verbs backend.
+readonly TEST=(xz-utils util-linux cpio iproute2 kmod linux-headers-amd64 sparse linux-source
 	cmake pkg-config libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev)
 # qemu-system-x86: L1 (TCG with nested SVM); busybox-static: L1's
 # initramfs; dkms: the dkms install test; ibverbs-providers (rxe),

@@ -3,8 +3,10 @@
  * A service that resumes its own sessions after a crash, in a Linux guest
  * running backdoor.ko (guest-driver/include/backdoor_app.h).
  *
+ * Build it from the repository's root with this example, the portable
+ * guest library and the include directory:
  *   cc -O2 -Iguest-driver/include -o counter_and_service \
- *      guest-driver/examples/counter_and_service.c guest-driver/lib/backdoor_guest.c
+ *      guest-driver/examples/<this file> guest-driver/lib/backdoor_guest.c
  *   ./counter_and_service [STEPS]     (default 50; BACKDOOR_DEV=PATH overrides
  *                                      /dev/backdoor)
  *
@@ -108,16 +110,18 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: counter_and_service [STEPS]\n");
 		return 2;
 	}
-	fd = bd_app_open_path(path ? path : BACKDOOR_DEVICE_PATH);
+	if (!path)
+		path = BACKDOOR_DEVICE_PATH;
+	fd = bd_app_open_path(path);
 	if (fd < 0) {
-		fprintf(stderr, "counter_and_service: cannot open %s: %s (is backdoor.ko loaded?)\n",
-			path ? path : BACKDOOR_DEVICE_PATH, strerror(-fd));
+		fprintf(stderr, "%s: cannot open %s: %s (is backdoor.ko loaded?)\n",
+			argv[0], path, strerror(-fd));
 		return 1;
 	}
 	r = bd_app_info(fd, &info);
 	if (r == -ENOTTY) {
 		fprintf(stderr, "counter_and_service: %s is not the backdoor driver\n",
-			path ? path : BACKDOOR_DEVICE_PATH);
+			path);
 		return 1;
 	}
 	if (r)

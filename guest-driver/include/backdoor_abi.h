@@ -4,7 +4,8 @@
  *
  * Shared by the guest (the Linux driver, freestanding test guests) and the
  * host side (the VMM's backdoor device, the agent, monitors), which is why
- * it includes nothing and uses only GCC's builtin type macros.  The Rust
+ * it uses only GCC's builtin type macros and the one header C11 and the
+ * kernel both give for static_assert.  The Rust
  * crate backdoor-abi (backdoor-dev/abi/) mirrors it bit for bit, and a test
  * checks the two against each other.
  *
@@ -14,10 +15,17 @@
 #ifndef BACKDOOR_ABI_H
 #define BACKDOOR_ABI_H
 
-typedef __UINT8_TYPE__ bd_u8;
-typedef __UINT16_TYPE__ bd_u16;
-typedef __UINT32_TYPE__ bd_u32;
-typedef __UINT64_TYPE__ bd_u64;
+#ifdef __KERNEL__
+#include <linux/build_bug.h>	/* static_assert */
+#else
+#include <assert.h>		/* static_assert (C11) */
+#endif
+
+/* Fixed-width types without a header (macros, not new typedefs). */
+#define bd_u8	__UINT8_TYPE__
+#define bd_u16	__UINT16_TYPE__
+#define bd_u32	__UINT32_TYPE__
+#define bd_u64	__UINT64_TYPE__
 
 #define BD_ABI_VERSION		1
 #define BD_PAGE_SIZE		4096
@@ -40,10 +48,10 @@ typedef __UINT64_TYPE__ bd_u64;
 #define  BD_DEV_MAGIC		0x524f4442U	/* "BDOR" in memory order */
 #define BD_REG_VERSION		0x04	/* R  BD_ABI_VERSION */
 #define BD_REG_FEATURES		0x08	/* R  BD_FEATURE_* offered */
-#define  BD_FEATURE_SEAL	(1U << 0)
-#define  BD_FEATURE_REPAIR	(1U << 1)
+#define  BD_FEATURE_SEAL	0x1U
+#define  BD_FEATURE_REPAIR	0x2U
 #define BD_REG_STATUS		0x0c	/* R  BD_STATUS_* */
-#define  BD_STATUS_SEALED	(1U << 0)
+#define  BD_STATUS_SEALED	0x1U
 #define BD_REG_GENERATION	0x10	/* R  new on every guest reset; never 0 */
 #define BD_REG_TAMPER_COUNT	0x14	/* R  commands refused after the seal */
 #define BD_REG_HOOK_COUNT	0x18	/* R  hooks registered */
@@ -96,9 +104,9 @@ struct bd_hook_desc {
 #define BD_KIND_REPAIR		3
 #define BD_KIND_KERNEL		4	/* read-only kernel memory for forensics */
 	bd_u32 perms;			/* BD_PERM_*: what a remote may do */
-#define BD_PERM_READ		(1U << 0)
-#define BD_PERM_WRITE		(1U << 1)
-#define BD_PERM_ATOMIC		(1U << 2)
+#define BD_PERM_READ		0x1U
+#define BD_PERM_WRITE		0x2U
+#define BD_PERM_ATOMIC		0x4U
 #define BD_PERM_ALL		(BD_PERM_READ | BD_PERM_WRITE | BD_PERM_ATOMIC)
 	/* Boxes must be exactly READ; REPAIR needs READ, may add the rest. */
 	bd_u32 id;			/* UPDATE: hook to change; REGISTER: 0 */
@@ -199,11 +207,11 @@ struct bd_record {
 };
 
 #define BD_ABI_OFFSET_CHECK(type, field, off) \
-	_Static_assert(__builtin_offsetof(struct type, field) == (off), \
+	static_assert(__builtin_offsetof(struct type, field) == (off), \
 		       #type "." #field " is at offset " #off)
 
-_Static_assert(sizeof(struct bd_hook_desc) == BD_HOOK_DESC_SIZE,
-	       "bd_hook_desc is 64 bytes");
+static_assert(sizeof(struct bd_hook_desc) == BD_HOOK_DESC_SIZE,
+	      "bd_hook_desc is 64 bytes");
 BD_ABI_OFFSET_CHECK(bd_hook_desc, gpa, 0);
 BD_ABI_OFFSET_CHECK(bd_hook_desc, len, 8);
 BD_ABI_OFFSET_CHECK(bd_hook_desc, kind, 16);
@@ -212,8 +220,8 @@ BD_ABI_OFFSET_CHECK(bd_hook_desc, id, 24);
 BD_ABI_OFFSET_CHECK(bd_hook_desc, reserved, 28);
 BD_ABI_OFFSET_CHECK(bd_hook_desc, name, 32);
 
-_Static_assert(sizeof(struct bd_pbox_header) == BD_PBOX_HEADER_SIZE,
-	       "bd_pbox_header is 64 bytes");
+static_assert(sizeof(struct bd_pbox_header) == BD_PBOX_HEADER_SIZE,
+	      "bd_pbox_header is 64 bytes");
 BD_ABI_OFFSET_CHECK(bd_pbox_header, magic, 0);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, version, 4);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, header_size, 6);
@@ -222,8 +230,8 @@ BD_ABI_OFFSET_CHECK(bd_pbox_header, counter_size, 12);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, kernel_slots, 16);
 BD_ABI_OFFSET_CHECK(bd_pbox_header, reserved, 20);
 
-_Static_assert(sizeof(struct bd_counter) == BD_COUNTER_SIZE,
-	       "bd_counter is 64 bytes");
+static_assert(sizeof(struct bd_counter) == BD_COUNTER_SIZE,
+	      "bd_counter is 64 bytes");
 BD_ABI_OFFSET_CHECK(bd_counter, value, 0);
 BD_ABI_OFFSET_CHECK(bd_counter, id, 8);
 BD_ABI_OFFSET_CHECK(bd_counter, deadline_ms, 12);
@@ -234,8 +242,8 @@ BD_ABI_OFFSET_CHECK(bd_counter, owner, 20);
 BD_ABI_OFFSET_CHECK(bd_counter, name, 24);
 BD_ABI_OFFSET_CHECK(bd_counter, reserved1, 56);
 
-_Static_assert(sizeof(struct bd_sbox_header) == BD_SBOX_HEADER_SIZE,
-	       "bd_sbox_header is 64 bytes");
+static_assert(sizeof(struct bd_sbox_header) == BD_SBOX_HEADER_SIZE,
+	      "bd_sbox_header is 64 bytes");
 BD_ABI_OFFSET_CHECK(bd_sbox_header, magic, 0);
 BD_ABI_OFFSET_CHECK(bd_sbox_header, version, 4);
 BD_ABI_OFFSET_CHECK(bd_sbox_header, header_size, 6);
@@ -243,8 +251,8 @@ BD_ABI_OFFSET_CHECK(bd_sbox_header, slot_count, 8);
 BD_ABI_OFFSET_CHECK(bd_sbox_header, slot_size, 12);
 BD_ABI_OFFSET_CHECK(bd_sbox_header, reserved, 16);
 
-_Static_assert(sizeof(struct bd_record) == BD_RECORD_HEADER_SIZE,
-	       "bd_record header is 64 bytes");
+static_assert(sizeof(struct bd_record) == BD_RECORD_HEADER_SIZE,
+	      "bd_record header is 64 bytes");
 BD_ABI_OFFSET_CHECK(bd_record, seq, 0);
 BD_ABI_OFFSET_CHECK(bd_record, session_id, 8);
 BD_ABI_OFFSET_CHECK(bd_record, service, 16);

@@ -12,6 +12,14 @@
 
 #include "backdoor_abi.h"
 
+/*
+ * One untorn access that the compiler may neither merge, split nor drop:
+ * what READ_ONCE/WRITE_ONCE give in the kernel, from GCC's relaxed
+ * atomics, which need no header and cost a plain load or store.
+ */
+#define BD_LOAD_ONCE(x)		__atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define BD_STORE_ONCE(x, v)	__atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
 /* CRC32C (Castagnoli); start with crc = 0 and chain calls to extend. */
 bd_u32 bd_crc32c(bd_u32 crc, const void *buf, bd_u64 len);
 
@@ -41,9 +49,7 @@ struct bd_counter *bd_counter_alloc(void *box, const char *name,
  */
 static inline void bd_counter_bump(struct bd_counter *c)
 {
-	volatile bd_u64 *v = &c->value;
-
-	*v = *v + 1;
+	BD_STORE_ONCE(c->value, BD_LOAD_ONCE(c->value) + 1);
 }
 
 void bd_counter_idle(struct bd_counter *c);
@@ -107,7 +113,7 @@ void bd_reg_write(unsigned long base, bd_u32 off, bd_u32 v);
 /*
  * Built with BD_GUEST_EXTERNAL_MMIO, the code above leaves the 32-bit
  * register accesses to its host environment (the Linux driver: readl and
- * writel); otherwise it dereferences base + off as a volatile pointer.
+ * writel); otherwise it loads and stores base + off once (BD_LOAD_ONCE).
  */
 bd_u32 bd_mmio_read32(unsigned long addr);
 void bd_mmio_write32(unsigned long addr, bd_u32 v);

@@ -76,7 +76,7 @@ struct bd_ioc_counter_state {
 };
 
 /* BD_IOC_SVC_OPEN */
-#define BD_SVC_CREATE		(1U << 0)	/* create the area if missing */
+#define BD_SVC_CREATE		0x1U	/* create the area if missing */
 
 struct bd_ioc_svc {
 	char service[BD_SERVICE_LEN];	/* in: printable ASCII, NUL-padded */

@@ -188,7 +188,7 @@ struct bd_counter *bd_counter_alloc(void *box, const char *name,
 		c->reserved1 = 0;
 		/* A monitor that sees ACTIVE must also see the fields above. */
 		__atomic_thread_fence(__ATOMIC_RELEASE);
-		*(volatile bd_u8 *)&c->state = BD_STATE_ACTIVE;
+		BD_STORE_ONCE(c->state, BD_STATE_ACTIVE);
 		return c;
 	}
 	return (void *)0;
@@ -197,7 +197,7 @@ struct bd_counter *bd_counter_alloc(void *box, const char *name,
 static void bd_counter_set_state(struct bd_counter *c, bd_u8 state)
 {
 	__atomic_thread_fence(__ATOMIC_RELEASE);
-	*(volatile bd_u8 *)&c->state = state;
+	BD_STORE_ONCE(c->state, state);
 }
 
 /*
@@ -289,7 +289,6 @@ int bd_slot_write(void *slot, bd_u32 slot_size, const char *service,
 		  const void *payload, bd_u32 len)
 {
 	struct bd_record hdr, *r = slot;
-	volatile bd_u64 *seqp;
 	bd_u64 seq;
 
 	if (!slot || !bd_aligned8(slot) || slot_size < BD_SBOX_MIN_SLOT_SIZE)
@@ -320,10 +319,9 @@ int bd_slot_write(void *slot, bd_u32 slot_size, const char *service,
 	 * already odd), step by 2 so it stays odd: the half-written record must
 	 * never look complete.
 	 */
-	seqp = &r->seq;
-	seq = *seqp;
+	seq = BD_LOAD_ONCE(r->seq);
 	seq += (seq & 1) ? 2 : 1;
-	*seqp = seq;
+	BD_STORE_ONCE(r->seq, seq);
 	__atomic_thread_fence(__ATOMIC_RELEASE);
 
 	/* Bytes 8..48 and 52..64, the payload, then crc32c last. */
@@ -335,7 +333,7 @@ int bd_slot_write(void *slot, bd_u32 slot_size, const char *service,
 	r->crc32c = hdr.crc32c;
 
 	__atomic_thread_fence(__ATOMIC_RELEASE);
-	*seqp = seq + 1;
+	BD_STORE_ONCE(r->seq, seq + 1);
 	return 0;
 }
 
@@ -345,18 +343,18 @@ bd_u64 bd_mmio_accesses;
 
 #ifndef BD_GUEST_EXTERNAL_MMIO
 /*
- * Identity-mapped guests reach the registers with plain volatile accesses.
+ * Identity-mapped guests reach the registers with single plain accesses.
  * The Linux driver defines BD_GUEST_EXTERNAL_MMIO and supplies these with
  * readl/writel on its ioremap()ed base.
  */
 static bd_u32 bd_mmio_read32(unsigned long addr)
 {
-	return *(volatile bd_u32 *)addr;
+	return BD_LOAD_ONCE(*(bd_u32 *)addr);
 }
 
 static void bd_mmio_write32(unsigned long addr, bd_u32 v)
 {
-	*(volatile bd_u32 *)addr = v;
+	BD_STORE_ONCE(*(bd_u32 *)addr, v);
 }
 #endif
 
