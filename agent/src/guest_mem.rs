@@ -193,25 +193,41 @@ impl GuestMemory {
 
 /// A fresh memfd of `len` bytes: stand-in guest RAM for tests and benchmarks.
 pub fn memfd(name: &std::ffi::CStr, len: u64) -> std::io::Result<File> {
+    sealed_memfd(name, len, false)
+}
+
+/// A memfd of `len` bytes (2-MiB huge pages if `huge`) whose size is
+/// sealed: no process sharing it can shrink it under another's mapping
+/// (which would SIGBUS the VMM or the agent), and an agent refuses a
+/// memfd without F_SEAL_SHRINK. Hugetlbfs memfds take seals too (Linux
+/// 4.16 and later). bdvmm's guest RAM is one.
+pub fn sealed_memfd(name: &std::ffi::CStr, len: u64, huge: bool) -> std::io::Result<File> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use nix::sys::memfd::MemFdCreateFlag;
+    use nix::sys::memfd::MemFdCreateFlag as F;
     use std::os::fd::AsRawFd;
-    let fd = nix::sys::memfd::memfd_create(
-        name,
-        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-    )
-    .map_err(std::io::Error::from)?;
-    let f = File::from(fd);
+    let mut flags = F::MFD_CLOEXEC | F::MFD_ALLOW_SEALING;
+    if huge {
+        flags |= F::MFD_HUGETLB | F::MFD_HUGE_2MB;
+    }
+    let f = File::from(nix::sys::memfd::memfd_create(name, flags)?);
     f.set_len(len)?;
-    // Sized once, like bdvmm's guest RAM: an agent refuses it otherwise.
     fcntl(
         f.as_raw_fd(),
         FcntlArg::F_ADD_SEALS(
             SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
         ),
-    )
-    .map_err(std::io::Error::from)?;
+    )?;
     Ok(f)
+}
+
+pub use nix::fcntl::SealFlag;
+
+/// The seals of a memfd (what [`sealed_memfd`] adds, and what an agent
+/// checks of one it receives).
+pub fn seals(f: &File) -> std::io::Result<SealFlag> {
+    use std::os::fd::AsRawFd;
+    let bits = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)?;
+    Ok(SealFlag::from_bits_truncate(bits))
 }
 
 impl Drop for GuestMemory {

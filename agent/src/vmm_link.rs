@@ -208,10 +208,6 @@ pub fn accept(listener: &UnixListener) -> Result<Accepted, LinkError> {
 /// How long a VMM has to send its hello once connected.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Seals the guest-RAM memfd must carry: no process sharing it can shrink
-/// it under the agent's mapping (which would SIGBUS the agent).
-const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK;
-
 /// Checks one connection to the VMM socket and takes its guest RAM.
 fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
     crate::peer::check_same_user(&stream)?;
@@ -269,19 +265,16 @@ fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
     Ok((hello.vm, mem, table, vcpus))
 }
 
-/// Refuses a memfd that lacks [`REQUIRED_SEALS`].
+/// Refuses a memfd that lacks F_SEAL_SHRINK: without it a process sharing
+/// it could shrink it under the agent's mapping (which would SIGBUS the
+/// agent).
 fn check_seals(memfd: &File) -> Result<(), LinkError> {
-    // SAFETY: fcntl(F_GET_SEALS) on an fd we own; the result is checked.
-    let seals = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 {
+    let seals = crate::guest_mem::seals(memfd)
+        .map_err(|e| LinkError::Bad(format!("guest RAM is not a sealable memfd: {e}")))?;
+    if !seals.contains(nix::fcntl::SealFlag::F_SEAL_SHRINK) {
         return Err(LinkError::Bad(format!(
-            "guest RAM is not a sealable memfd: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    if seals & REQUIRED_SEALS != REQUIRED_SEALS {
-        return Err(LinkError::Bad(format!(
-            "guest RAM memfd has seals {seals:#x}, not F_SEAL_SHRINK: its owner could shrink it under this agent"
+            "guest RAM memfd has seals {:#x}, not F_SEAL_SHRINK: its owner could shrink it under this agent",
+            seals.bits()
         )));
     }
     Ok(())

@@ -1,10 +1,8 @@
 //! Guest RAM: one memfd, mapped shared, so that other components (the
 //! backdoor agent, an RDMA registration) can map the very same pages.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -19,12 +17,9 @@ pub const MIN_MEM_BYTES: u64 = 4 << 20;
 /// Errors while creating guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// memfd_create failed.
-    #[error("cannot create the guest RAM memfd: {0}")]
-    Memfd(#[source] io::Error),
-    /// ftruncate failed.
-    #[error("cannot size the guest RAM memfd to {size} bytes: {source}")]
-    Resize { size: u64, source: io::Error },
+    /// The sealed guest-RAM memfd could not be created or sized.
+    #[error("cannot create a sealed guest RAM memfd of {size} bytes: {source}")]
+    Memfd { size: u64, source: io::Error },
     /// Not enough free huge pages for the requested size.
     #[error(
         "--hugepages needs {needed} free 2-MiB huge pages but this host has {free} \
@@ -150,36 +145,8 @@ impl GuestRam {
 }
 
 fn create_memfd(size: u64, hugepages: bool) -> Result<File, MemoryError> {
-    let name = CString::new("bdvmm-guest-ram").expect("static name has no NUL");
-    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    if hugepages {
-        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
-    }
-    // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Resize { size, source })?;
-    // Sealing the size means no process sharing this memfd can shrink it
-    // under another's mapping (which would SIGBUS the VMM or the agent);
-    // the agent refuses a memfd without F_SEAL_SHRINK. Hugetlbfs memfds
-    // take seals too (Linux 4.16 and later), and can be truncated without.
-    // SAFETY: fcntl on a valid fd with integer arguments; the result is checked.
-    let rc = unsafe {
-        libc::fcntl(
-            file.as_raw_fd(),
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-        )
-    };
-    if rc < 0 {
-        return Err(MemoryError::Memfd(io::Error::last_os_error()));
-    }
-    Ok(file)
+    backdoor_agent::guest_mem::sealed_memfd(c"bdvmm-guest-ram", size, hugepages)
+        .map_err(|source| MemoryError::Memfd { size, source })
 }
 
 fn check_free_huge_pages(size: u64) -> Result<(), MemoryError> {
@@ -226,12 +193,9 @@ mod tests {
         // Creating and sizing it needs no reserved huge page (none are
         // reserved here); only touching its memory would.
         let f = create_memfd(4 << 20, true).unwrap();
-        // SAFETY: fcntl(F_GET_SEALS) on a valid fd.
-        let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
-        assert_eq!(
-            seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL),
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
-        );
+        use backdoor_agent::guest_mem::SealFlag as S;
+        let seals = backdoor_agent::guest_mem::seals(&f).unwrap();
+        assert!(seals.contains(S::F_SEAL_SHRINK | S::F_SEAL_GROW | S::F_SEAL_SEAL));
         assert!(f.set_len(2 << 20).is_err(), "a sealed hugetlb memfd shrank");
     }
 
