@@ -542,83 +542,136 @@ struct Devices {
     com1: Arc<Mutex<serial::SerialDevice>>,
 }
 
+/// Puts every device of the machine on its bus, one `add_*` per device.
 fn add_devices(
     vm: &VmFd,
     vmm: &Vmm,
     lifecycle: &Arc<Lifecycle>,
     boot_timer_ns: &Arc<AtomicU64>,
 ) -> Result<Devices, VmmError> {
-    let config = &vmm.config;
-    let mut pio = Bus::new("pio", Width::ByStart);
-    let mut mmio = Bus::new("mmio", Width::Contained);
-
-    let log = match &config.console_log {
-        Some(path) => Some(File::create(path).map_err(|source| VmmError::ConsoleLog {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
+    let mut b = DeviceBuilder {
+        vm,
+        pio: Bus::new("pio", Width::ByStart),
+        mmio: Bus::new("mmio", Width::Contained),
     };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create the serial irqfd"))?;
-    vm.register_irqfd(&irq, serial::IRQ)
-        .map_err(vm_ioctl("register the serial irqfd"))?;
-    let com1 = Arc::new(Mutex::new(serial::SerialDevice::new(
-        irq,
-        serial::ConsoleOut::new(log),
-    )));
-    pio.insert("com1", u64::from(serial::PORT), serial::LEN, com1.clone())?;
-    pio.insert(
-        "i8042",
-        u64::from(i8042::PORT),
-        i8042::LEN,
-        Arc::new(Mutex::new(i8042::I8042::new(lifecycle.clone()))),
-    )?;
-    pio.insert(
-        "debug-exit",
-        u64::from(debug_exit::PORT),
-        debug_exit::LEN,
-        Arc::new(Mutex::new(debug_exit::DebugExit::new(lifecycle.clone()))),
-    )?;
-    pio.insert(
-        "boot-timer",
-        u64::from(boot_timer::PORT),
-        boot_timer::LEN,
-        Arc::new(Mutex::new(boot_timer::BootTimer::new(
-            boot_timer_ns.clone(),
-            vmm.vmm_start_ns,
-        ))),
-    )?;
-    pio.insert(
-        "watchdog",
-        u64::from(watchdog::PORT),
-        watchdog::LEN,
-        Arc::new(Mutex::new(watchdog::Watchdog::new(lifecycle.clone()))),
-    )?;
-
-    let bd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os("create the backdoor irqfd"))?;
-    vm.register_irqfd(&bd_irq, backdoor::IRQ)
-        .map_err(vm_ioctl("register the backdoor irqfd"))?;
-    let ram_ranges = vmm
-        .ram
-        .ranges()
-        .iter()
-        .map(|r| (r.guest_addr, r.len))
-        .collect();
-    let device = BackdoorDevice::new(
-        vmm.backdoor.clone(),
-        Box::new(backdoor::GuestRam(vmm.ram.memory().clone())),
-        ram_ranges,
-    );
-    mmio.insert(
-        "backdoor",
-        backdoor::MMIO_BASE,
-        backdoor::MMIO_SIZE,
-        Arc::new(Mutex::new(backdoor::BackdoorMmio(device))),
-    )?;
+    let com1 = b.add_serial(vmm.config.console_log.as_deref())?;
+    b.add_i8042(lifecycle)?;
+    b.add_debug_exit(lifecycle)?;
+    b.add_boot_timer(boot_timer_ns, vmm.vmm_start_ns)?;
+    b.add_watchdog(lifecycle)?;
+    let backdoor_irq = b.add_backdoor(vmm)?;
     Ok(Devices {
-        pio,
-        mmio,
-        backdoor_irq: bd_irq,
+        pio: b.pio,
+        mmio: b.mmio,
+        backdoor_irq,
         com1,
     })
+}
+
+/// The buses while devices are added to them.
+struct DeviceBuilder<'a> {
+    vm: &'a VmFd,
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl DeviceBuilder<'_> {
+    /// An irqfd routed to GSI `gsi`.
+    fn irqfd(&self, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os(what))?;
+        self.vm.register_irqfd(&irq, gsi).map_err(vm_ioctl(what))?;
+        Ok(irq)
+    }
+
+    /// COM1, the guest's console (copied into `log` if given).
+    fn add_serial(
+        &mut self,
+        log: Option<&std::path::Path>,
+    ) -> Result<Arc<Mutex<serial::SerialDevice>>, VmmError> {
+        let log = match log {
+            Some(path) => Some(File::create(path).map_err(|source| VmmError::ConsoleLog {
+                path: path.to_owned(),
+                source,
+            })?),
+            None => None,
+        };
+        let irq = self.irqfd(serial::IRQ, "register the serial irqfd")?;
+        let com1 = Arc::new(Mutex::new(serial::SerialDevice::new(
+            irq,
+            serial::ConsoleOut::new(log),
+        )));
+        self.pio
+            .insert("com1", u64::from(serial::PORT), serial::LEN, com1.clone())?;
+        Ok(com1)
+    }
+
+    /// The i8042's reset line (how Linux reboots).
+    fn add_i8042(&mut self, lifecycle: &Arc<Lifecycle>) -> Result<(), VmmError> {
+        self.pio.insert(
+            "i8042",
+            u64::from(i8042::PORT),
+            i8042::LEN,
+            Arc::new(Mutex::new(i8042::I8042::new(lifecycle.clone()))),
+        )?;
+        Ok(())
+    }
+
+    /// The port test guests power off through, with a status.
+    fn add_debug_exit(&mut self, lifecycle: &Arc<Lifecycle>) -> Result<(), VmmError> {
+        self.pio.insert(
+            "debug-exit",
+            u64::from(debug_exit::PORT),
+            debug_exit::LEN,
+            Arc::new(Mutex::new(debug_exit::DebugExit::new(lifecycle.clone()))),
+        )?;
+        Ok(())
+    }
+
+    /// The port a guest marks its first instruction with (start-up time).
+    fn add_boot_timer(&mut self, ns: &Arc<AtomicU64>, vmm_start_ns: u64) -> Result<(), VmmError> {
+        self.pio.insert(
+            "boot-timer",
+            u64::from(boot_timer::PORT),
+            boot_timer::LEN,
+            Arc::new(Mutex::new(boot_timer::BootTimer::new(
+                ns.clone(),
+                vmm_start_ns,
+            ))),
+        )?;
+        Ok(())
+    }
+
+    /// The watchdog port (the baseline liveness report of the benchmarks).
+    fn add_watchdog(&mut self, lifecycle: &Arc<Lifecycle>) -> Result<(), VmmError> {
+        self.pio.insert(
+            "watchdog",
+            u64::from(watchdog::PORT),
+            watchdog::LEN,
+            Arc::new(Mutex::new(watchdog::Watchdog::new(lifecycle.clone()))),
+        )?;
+        Ok(())
+    }
+
+    /// The backdoor device's registers; returns its (reserved) irqfd.
+    fn add_backdoor(&mut self, vmm: &Vmm) -> Result<EventFd, VmmError> {
+        let irq = self.irqfd(backdoor::IRQ, "register the backdoor irqfd")?;
+        let ram_ranges = vmm
+            .ram
+            .ranges()
+            .iter()
+            .map(|r| (r.guest_addr, r.len))
+            .collect();
+        let device = BackdoorDevice::new(
+            vmm.backdoor.clone(),
+            Box::new(backdoor::GuestRam(vmm.ram.memory().clone())),
+            ram_ranges,
+        );
+        self.mmio.insert(
+            "backdoor",
+            backdoor::MMIO_BASE,
+            backdoor::MMIO_SIZE,
+            Arc::new(Mutex::new(backdoor::BackdoorMmio(device))),
+        )?;
+        Ok(irq)
+    }
 }
