@@ -1,7 +1,11 @@
-//! The part of the i8042 keyboard controller guests use to reset the
-//! machine: command 0xfe (pulse the reset line) on the command port.
+//! The i8042 keyboard controller, as far as guests use it here: to reset
+//! the machine (command 0xfe on the command port). vm-superio's
+//! `I8042Device` decodes the ports; its reset trigger asks the lifecycle
+//! for a reset exit.
 
 use std::sync::Arc;
+
+use vm_superio::{I8042Device, Trigger};
 
 use crate::bus::BusDevice;
 use crate::lifecycle::{Lifecycle, VmExit};
@@ -10,31 +14,41 @@ use crate::lifecycle::{Lifecycle, VmExit};
 pub const PORT: u16 = 0x60;
 /// Ports 0x60..=0x64.
 pub const LEN: u64 = 5;
-const COMMAND_OFFSET: u64 = 4;
-const CMD_RESET: u8 = 0xfe;
 
-/// The reset-only i8042.
+/// Turns the controller's reset line into a reset of the VM.
 #[derive(Debug)]
-pub struct I8042 {
-    lifecycle: Arc<Lifecycle>,
+pub struct ResetLine(Arc<Lifecycle>);
+
+impl Trigger for ResetLine {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request_exit(VmExit::Reset);
+        Ok(())
+    }
 }
+
+/// The i8042 on the port bus.
+#[derive(Debug)]
+pub struct I8042(I8042Device<ResetLine>);
 
 impl I8042 {
     /// A controller that resets `lifecycle`.
     pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
-        Self { lifecycle }
+        Self(I8042Device::new(ResetLine(lifecycle)))
     }
 }
 
 impl BusDevice for I8042 {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty, no keyboard data.
-        data.fill(0);
+        let value = u8::try_from(offset).map_or(0, |o| self.0.read(o));
+        data.fill(value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET) {
-            self.lifecycle.request_exit(VmExit::Reset);
+        if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
+            let Ok(()) = self.0.write(offset, value);
         }
     }
 }
