@@ -114,6 +114,91 @@ pub struct Status {
     pub agent_addr: Option<String>,
 }
 
+/// Where one vCPU is, in a `vcpus` reply.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum VcpuReport {
+    /// Its registers, as of a kick (`fresh`) or of its last exit.
+    Located {
+        /// The registers.
+        #[serde(flatten)]
+        at: crate::vcpu::Location,
+        /// Whether they were taken for this request.
+        fresh: bool,
+    },
+    /// A vCPU that has not exited yet.
+    Unknown {
+        /// vCPU index.
+        vcpu: u8,
+        /// Always false.
+        fresh: bool,
+    },
+}
+
+/// The reply to `vcpus`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpusReply {
+    /// running, paused or stopping.
+    pub state: &'static str,
+    /// One per vCPU, by index.
+    pub vcpus: Vec<VcpuReport>,
+}
+
+/// Every reply of the control socket; on the wire it is one JSON object
+/// with `ok` ([`ReplyLine`]).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// `status`.
+    Status(Box<Status>),
+    /// `exits`.
+    Exits {
+        /// Per-vCPU exit counts.
+        exits: Vec<VcpuExits>,
+    },
+    /// `backdoor`: the published hook table and counters.
+    Backdoor(backdoor_dev::Descriptor),
+    /// `vcpus`.
+    Vcpus(VcpusReply),
+    /// `pause`, `resume`, `stop`: the state the VM is now in.
+    State {
+        /// running, paused or stopping.
+        state: &'static str,
+    },
+    /// A refused or failed request.
+    Error {
+        /// For people.
+        error: String,
+    },
+}
+
+impl Reply {
+    /// A refusal.
+    pub fn error(e: impl std::fmt::Display) -> Self {
+        Self::Error {
+            error: e.to_string(),
+        }
+    }
+
+    /// The reply as it travels.
+    pub fn line(&self) -> ReplyLine<'_> {
+        ReplyLine {
+            ok: !matches!(self, Self::Error { .. }),
+            reply: self,
+        }
+    }
+}
+
+/// A reply on the wire: `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
+#[derive(Debug, Serialize)]
+pub struct ReplyLine<'a> {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// The rest.
+    #[serde(flatten)]
+    pub reply: &'a Reply,
+}
+
 /// What the control socket can see and do to the VM.
 #[derive(Debug)]
 pub struct VmControl {
@@ -156,8 +241,7 @@ impl VmControl {
     /// Where each vCPU is: with `fresh`, after a kick that makes every
     /// running vCPU report now (up to [`LOCATE_TIMEOUT`]); without, as of
     /// each one's last exit (no cost to the guest at all).
-    pub fn vcpus_report(&self, fresh: bool) -> serde_json::Value {
-        use serde_json::json;
+    pub fn vcpus_report(&self, fresh: bool) -> VcpusReply {
         // A paused vCPU is parked outside KVM_RUN: where it parked is
         // where it is.
         let wait = match self.lifecycle.run_state() {
@@ -169,19 +253,21 @@ impl VmControl {
         } else {
             self.locations.iter().map(|l| (l.last(), false)).collect()
         };
-        let vcpus: Vec<_> = located
+        let vcpus = located
             .into_iter()
             .enumerate()
             .map(|(i, (loc, fresh))| match loc {
-                Some(l) => {
-                    let mut v = serde_json::to_value(l).unwrap_or_default();
-                    v["fresh"] = json!(fresh);
-                    v
-                }
-                None => json!({"vcpu": i, "fresh": false}),
+                Some(at) => VcpuReport::Located { at, fresh },
+                None => VcpuReport::Unknown {
+                    vcpu: u8::try_from(i).unwrap_or(u8::MAX),
+                    fresh: false,
+                },
             })
             .collect();
-        json!({"ok": true, "state": self.state_name(), "vcpus": vcpus})
+        VcpusReply {
+            state: self.state_name(),
+            vcpus,
+        }
     }
 
     fn state_name(&self) -> &'static str {
@@ -193,50 +279,40 @@ impl VmControl {
     }
 
     /// Carries out one request and builds its reply.
-    pub fn handle(&self, req: Request) -> serde_json::Value {
-        use serde_json::json;
-        let fail = |e: &dyn std::fmt::Display| json!({"ok": false, "error": e.to_string()});
+    pub fn handle(&self, req: Request) -> Reply {
         match req {
-            Request::Status => {
-                let status = Status {
-                    state: self.state_name().into(),
-                    pid: std::process::id(),
-                    vcpus: u8::try_from(self.counters.len()).unwrap_or(u8::MAX),
-                    mem_bytes: self.mem_bytes,
-                    guest: self.guest.clone(),
-                    uptime_ms: u64::try_from(self.lifecycle.started().elapsed().as_millis())
-                        .unwrap_or(u64::MAX),
-                    boot_timer_ns: Some(self.boot_timer_ns.load(Ordering::Relaxed))
-                        .filter(|&t| t != 0),
-                    unhandled_pio: self.pio.unhandled(),
-                    unhandled_mmio: self.mmio.unhandled(),
-                    exits: self.exits(),
-                    boots: self.boots,
-                    generation: self.backdoor.snapshot().generation,
-                    agent_addr: self.agent_addr.clone(),
-                };
-                let mut v = serde_json::to_value(status).unwrap_or_default();
-                v["ok"] = json!(true);
-                v
-            }
-            Request::Exits => json!({"ok": true, "exits": self.exits()}),
-            Request::Backdoor => {
-                let mut v = serde_json::to_value(self.backdoor.snapshot()).unwrap_or_default();
-                v["ok"] = json!(true);
-                v
-            }
-            Request::Vcpus => self.vcpus_report(true),
+            Request::Status => Reply::Status(Box::new(Status {
+                state: self.state_name().into(),
+                pid: std::process::id(),
+                vcpus: u8::try_from(self.counters.len()).unwrap_or(u8::MAX),
+                mem_bytes: self.mem_bytes,
+                guest: self.guest.clone(),
+                uptime_ms: u64::try_from(self.lifecycle.started().elapsed().as_millis())
+                    .unwrap_or(u64::MAX),
+                boot_timer_ns: Some(self.boot_timer_ns.load(Ordering::Relaxed)).filter(|&t| t != 0),
+                unhandled_pio: self.pio.unhandled(),
+                unhandled_mmio: self.mmio.unhandled(),
+                exits: self.exits(),
+                boots: self.boots,
+                generation: self.backdoor.snapshot().generation,
+                agent_addr: self.agent_addr.clone(),
+            })),
+            Request::Exits => Reply::Exits {
+                exits: self.exits(),
+            },
+            Request::Backdoor => Reply::Backdoor(self.backdoor.snapshot()),
+            Request::Vcpus => Reply::Vcpus(self.vcpus_report(true)),
             Request::Pause => match self.lifecycle.pause(PAUSE_TIMEOUT) {
-                Ok(()) => json!({"ok": true, "state": "paused"}),
-                Err(e) => fail(&e),
+                Ok(()) => Reply::State { state: "paused" },
+                Err(e) => Reply::error(e),
             },
             Request::Resume => match self.lifecycle.resume() {
-                Ok(()) => json!({"ok": true, "state": "running"}),
-                Err(e) => fail(&e),
+                Ok(()) => Reply::State { state: "running" },
+                Err(e) => Reply::error(e),
             },
             Request::Stop => {
                 self.lifecycle.request_exit(VmExit::ApiStop);
-                json!({"ok": true, "state": "stopping"})
+                Reply::State { state: "stopping" }
             }
         }
     }
@@ -364,7 +440,9 @@ impl ApiServer {
                 Err(_) => return false,
             }
         }
-        let too_long = serde_json::json!({"ok": false, "error": format!("request longer than {MAX_REQUEST_BYTES} bytes; closing")});
+        let too_long = Reply::error(format!(
+            "request longer than {MAX_REQUEST_BYTES} bytes; closing"
+        ));
         while let Some(nl) = conn.buf.iter().position(|&b| b == b'\n') {
             if nl > MAX_REQUEST_BYTES {
                 write_reply(&conn.stream, &too_long);
@@ -377,7 +455,7 @@ impl ApiServer {
             }
             let reply = match parse_request(line) {
                 Ok(req) => self.control.handle(req),
-                Err(e) => serde_json::json!({"ok": false, "error": e}),
+                Err(e) => Reply::error(e),
             };
             if !write_reply(&conn.stream, &reply) {
                 return false;
@@ -391,8 +469,10 @@ impl ApiServer {
     }
 }
 
-fn write_reply(mut stream: &UnixStream, reply: &serde_json::Value) -> bool {
-    let mut bytes = reply.to_string().into_bytes();
+fn write_reply(mut stream: &UnixStream, reply: &Reply) -> bool {
+    let Ok(mut bytes) = serde_json::to_vec(&reply.line()) else {
+        return false;
+    };
     bytes.push(b'\n');
     // Replies are small; a client that stops reading for a second is dropped
     // rather than allowed to stall the event loop.

@@ -157,7 +157,8 @@ impl VcpuReporter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
-        Some(control.vcpus_report(fresh))
+        let reply = crate::api::Reply::Vcpus(control.vcpus_report(fresh));
+        serde_json::to_value(reply.line()).ok()
     }
 }
 
