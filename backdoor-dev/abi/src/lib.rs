@@ -2,8 +2,13 @@
 //! for bit by `guest-driver/include/backdoor_abi.h`.
 //!
 //! Structures are `#[repr(C)]` with explicit padding so their layout can be
-//! checked against the C header; they are decoded from bytes field by field
-//! (little-endian), never transmuted, because the bytes come from a guest.
+//! checked against the C header. They are read from and written as bytes
+//! with zerocopy, whose derives prove at compile time that every byte
+//! pattern is a valid value (every field is an integer or a byte array:
+//! codes such as a counter's state stay raw integers, decoded by checked
+//! accessors), which is what bytes that come from a guest need.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub mod descriptor;
 pub mod record;
@@ -230,18 +235,8 @@ pub fn encode_name<const N: usize>(name: &str) -> [u8; N] {
     out
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
-
 /// A hook descriptor as the guest writes it (64 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct HookDesc {
     /// Guest-physical start.
@@ -266,30 +261,12 @@ impl HookDesc {
 
     /// Decodes a descriptor.
     pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
-        let mut name = [0u8; 32];
-        name.copy_from_slice(&b[32..64]);
-        Self {
-            gpa: u64_at(b, 0),
-            len: u64_at(b, 8),
-            kind: u32_at(b, 16),
-            perms: u32_at(b, 20),
-            id: u32_at(b, 24),
-            reserved: u32_at(b, 28),
-            name,
-        }
+        zerocopy::transmute!(*b)
     }
 
     /// Encodes a descriptor.
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
-        b[8..16].copy_from_slice(&self.len.to_le_bytes());
-        b[16..20].copy_from_slice(&self.kind.to_le_bytes());
-        b[20..24].copy_from_slice(&self.perms.to_le_bytes());
-        b[24..28].copy_from_slice(&self.id.to_le_bytes());
-        b[28..32].copy_from_slice(&self.reserved.to_le_bytes());
-        b[32..64].copy_from_slice(&self.name);
-        b
+        zerocopy::transmute!(*self)
     }
 }
 
@@ -303,7 +280,7 @@ pub const LINE: usize = 64;
 pub const LINE_LEN: u32 = 64;
 
 /// Progress-box header (64 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct PboxHeader {
     /// [`PBOX_MAGIC`].
@@ -325,16 +302,12 @@ pub struct PboxHeader {
 }
 
 impl PboxHeader {
-    /// Decodes a header.
+    /// Decodes a header (reserved bytes are ignored: read as zero).
     pub fn from_bytes(b: &[u8; LINE]) -> Self {
+        let h: Self = zerocopy::transmute!(*b);
         Self {
-            magic: u32_at(b, 0),
-            version: u16_at(b, 4),
-            header_size: u16_at(b, 6),
-            capacity: u32_at(b, 8),
-            counter_size: u32_at(b, 12),
-            kernel_slots: u32_at(b, 16),
             reserved: [0; 44],
+            ..h
         }
     }
 }
@@ -366,7 +339,7 @@ pub enum Level {
 }
 
 /// A progress counter (64 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct Counter {
     /// Liveness count; only increases.
@@ -392,19 +365,7 @@ pub struct Counter {
 impl Counter {
     /// Decodes a counter.
     pub fn from_bytes(b: &[u8; LINE]) -> Self {
-        let mut name = [0u8; 32];
-        name.copy_from_slice(&b[24..56]);
-        Self {
-            value: u64_at(b, 0),
-            id: u32_at(b, 8),
-            deadline_ms: u32_at(b, 12),
-            state: b[16],
-            level: b[17],
-            reserved0: u16_at(b, 18),
-            owner: u32_at(b, 20),
-            name,
-            reserved1: u64_at(b, 56),
-        }
+        zerocopy::transmute!(*b)
     }
 
     /// The decoded state, if valid.
@@ -430,7 +391,7 @@ impl Counter {
 }
 
 /// State-box header (64 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct SboxHeader {
     /// [`SBOX_MAGIC`].
@@ -448,21 +409,18 @@ pub struct SboxHeader {
 }
 
 impl SboxHeader {
-    /// Decodes a header.
+    /// Decodes a header (reserved bytes are ignored: read as zero).
     pub fn from_bytes(b: &[u8; LINE]) -> Self {
+        let h: Self = zerocopy::transmute!(*b);
         Self {
-            magic: u32_at(b, 0),
-            version: u16_at(b, 4),
-            header_size: u16_at(b, 6),
-            slot_count: u32_at(b, 8),
-            slot_size: u32_at(b, 12),
             reserved: [0; 48],
+            ..h
         }
     }
 }
 
 /// A service-continuation record header (64 bytes; the payload follows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct RecordHeader {
     /// Seqlock: odd while written; 0 = never written.
@@ -484,22 +442,19 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Decodes a record header.
+    /// Decodes a record header (reserved bytes are ignored: read as zero).
     pub fn from_bytes(b: &[u8; LINE]) -> Self {
-        let mut service = [0u8; 16];
-        service.copy_from_slice(&b[16..32]);
+        let h: Self = zerocopy::transmute!(*b);
         Self {
-            seq: u64_at(b, 0),
-            session_id: u64_at(b, 8),
-            service,
-            version: u64_at(b, 32),
-            stage: u32_at(b, 40),
-            payload_len: u32_at(b, 44),
-            crc32c: u32_at(b, 48),
             reserved: [0; 12],
+            ..h
         }
     }
 }
+
+// The ABI is little-endian and these structures are read and written as
+// native memory (zerocopy): hosts and guests are x86-64.
+const _: () = assert!(cfg!(target_endian = "little"));
 
 const _: () = {
     assert!(size_of::<HookDesc>() == HookDesc::SIZE);
