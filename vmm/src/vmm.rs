@@ -24,7 +24,7 @@ use crate::boot::cpu::{self, CpuError, Entry};
 use crate::boot::linux::{self, LinuxBootError};
 use crate::boot::mptable::{self, MpTableError};
 use crate::boot::test_guest::{self, TestGuestError};
-use crate::bus::{Bus, BusError, Width};
+use crate::bus::{Bus, BusDevice, BusError, Width};
 use crate::config::{GuestConfig, VmConfig};
 use crate::devices::serial::ConsoleInput;
 use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial, watchdog};
@@ -606,51 +606,41 @@ impl DeviceBuilder<'_> {
         Ok(com1)
     }
 
+    /// Puts `device` on the port bus at `port..port + len`.
+    fn add_ports(
+        &mut self,
+        name: &'static str,
+        port: u16,
+        len: u64,
+        device: impl BusDevice + 'static,
+    ) -> Result<(), VmmError> {
+        self.pio
+            .insert(name, u64::from(port), len, Arc::new(Mutex::new(device)))?;
+        Ok(())
+    }
+
     /// The i8042's reset line (how Linux reboots).
     fn add_i8042(&mut self, lifecycle: &Arc<Lifecycle>) -> Result<(), VmmError> {
-        self.pio.insert(
-            "i8042",
-            u64::from(i8042::PORT),
-            i8042::LEN,
-            Arc::new(Mutex::new(i8042::I8042::new(lifecycle.clone()))),
-        )?;
-        Ok(())
+        let dev = i8042::I8042::new(lifecycle.clone());
+        self.add_ports("i8042", i8042::PORT, i8042::LEN, dev)
     }
 
     /// The port test guests power off through, with a status.
     fn add_debug_exit(&mut self, lifecycle: &Arc<Lifecycle>) -> Result<(), VmmError> {
-        self.pio.insert(
-            "debug-exit",
-            u64::from(debug_exit::PORT),
-            debug_exit::LEN,
-            Arc::new(Mutex::new(debug_exit::DebugExit::new(lifecycle.clone()))),
-        )?;
-        Ok(())
+        let dev = debug_exit::DebugExit::new(lifecycle.clone());
+        self.add_ports("debug-exit", debug_exit::PORT, debug_exit::LEN, dev)
     }
 
     /// The port a guest marks its first instruction with (start-up time).
     fn add_boot_timer(&mut self, ns: &Arc<AtomicU64>, vmm_start_ns: u64) -> Result<(), VmmError> {
-        self.pio.insert(
-            "boot-timer",
-            u64::from(boot_timer::PORT),
-            boot_timer::LEN,
-            Arc::new(Mutex::new(boot_timer::BootTimer::new(
-                ns.clone(),
-                vmm_start_ns,
-            ))),
-        )?;
-        Ok(())
+        let dev = boot_timer::BootTimer::new(ns.clone(), vmm_start_ns);
+        self.add_ports("boot-timer", boot_timer::PORT, boot_timer::LEN, dev)
     }
 
     /// The watchdog port (the baseline liveness report of the benchmarks).
     fn add_watchdog(&mut self, lifecycle: &Arc<Lifecycle>) -> Result<(), VmmError> {
-        self.pio.insert(
-            "watchdog",
-            u64::from(watchdog::PORT),
-            watchdog::LEN,
-            Arc::new(Mutex::new(watchdog::Watchdog::new(lifecycle.clone()))),
-        )?;
-        Ok(())
+        let dev = watchdog::Watchdog::new(lifecycle.clone());
+        self.add_ports("watchdog", watchdog::PORT, watchdog::LEN, dev)
     }
 
     /// The backdoor device's registers; returns its (reserved) irqfd.
