@@ -12,7 +12,7 @@ def crc32c(data, crc=0):
     return crc ^ 0xFFFFFFFF
 
 def frame(kind, payload, rid=0):
-    return struct.pack('<IBBHII', 0x31574442, 1, kind, 0, rid, len(payload)) + payload
+    return struct.pack('<IBBHII', 0x31574442, 3, kind, 0, rid, len(payload)) + payload
 
 def record(service, session, version, stage, payload, slot=256, seq=2):
     b = bytearray(slot)
@@ -31,10 +31,11 @@ write = lambda g, h, o, d: frame(10, struct.pack('<IIQ', g, h, o) + d)
 cas = lambda g, h, o, e, n: frame(12, struct.pack('<IIQQQ', g, h, o, e, n))
 faa = lambda g, h, o, a: frame(13, struct.pack('<IIQQ', g, h, o, a))
 batch = lambda g, es: frame(15, struct.pack('<II', g, len(es)) + b''.join(struct.pack('<IIQ', h, n, o) for h, n, o in es))
-hello = lambda role, vm: frame(1, bytes([role]) + bytes(32) + struct.pack('<H', len(vm)) + vm)
+# HELLO: role, VM name, then the 48-byte Noise handshake message.
+hello = lambda role, vm: frame(1, bytes([role]) + struct.pack('<H', len(vm)) + vm + bytes(48))
 
 # wire_server: mode byte (bit 0: requests, bit 1: repair role), then frames.
-put('wire_server', 'handshake', b'\x00' + hello(2, b'fuzzvm') + frame(3, bytes(32)))
+put('wire_server', 'handshake', b'\x00' + hello(2, b'fuzzvm'))
 put('wire_server', 'read_requests', b'\x01' + read(1, 1, 0, 64) + batch(1, [(2, 8, 0), (1, 8, 64)]) + frame(6, b''))
 put('wire_server', 'repair_requests', b'\x03' + write(1, 3, 8, b'patched!') + cas(1, 3, 16, 0, 5) + faa(1, 3, 24, 1) + write(1, 1, 0, b'x'))
 
