@@ -2,15 +2,21 @@
 //! one-sided access to it: reads copy with aligned 8-byte atomic loads, so
 //! a counter is never torn; atomics are real atomics on the guest's words.
 //! No vCPU is involved in any of it.
+//!
+//! The mapping is vm-memory's, as in bdvmm: one `MAP_SHARED` region per
+//! RAM range at its offset in the memfd. The copies are ours: vm-memory's
+//! `Bytes` chooses its own access widths, and a counter must be read in
+//! one 8-byte load.
 
 use std::fs::File;
-use std::num::NonZeroUsize;
-use std::os::fd::AsFd;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use serde::{Deserialize, Serialize};
+use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
+};
 
 /// One contiguous range of guest RAM and where it lives in the memfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +41,11 @@ pub enum MapError {
     },
     /// mmap failed.
     #[error("cannot map guest RAM: {0}")]
-    Mmap(#[from] nix::Error),
-    /// fstat failed.
+    Mmap(#[from] MmapRegionError),
+    /// The ranges do not make one guest memory (empty, or overlapping).
+    #[error("guest RAM ranges do not fit together: {0}")]
+    Layout(String),
+    /// fstat or dup failed.
     #[error("cannot inspect the guest RAM memfd: {0}")]
     Stat(std::io::Error),
 }
@@ -44,62 +53,46 @@ pub enum MapError {
 /// Guest RAM mapped `MAP_SHARED` from the VMM's memfd.
 #[derive(Debug)]
 pub struct GuestMemory {
-    base: NonNull<u8>,
-    len: usize,
+    mem: GuestMemoryMmap,
     ranges: Vec<RamRange>,
-    _memfd: File,
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics; the
-// pointer is valid for the lifetime of the struct on every thread.
-unsafe impl Send for GuestMemory {}
-// SAFETY: as above.
-unsafe impl Sync for GuestMemory {}
-
 impl GuestMemory {
-    /// Maps the whole memfd and checks every range lies inside it.
+    /// Maps every range of the memfd and checks each lies inside it.
     pub fn map(memfd: File, ranges: Vec<RamRange>) -> Result<Self, MapError> {
         let file_len = memfd.metadata().map_err(MapError::Stat)?.len();
+        let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {
-            if r.file_offset
-                .checked_add(r.len)
-                .is_none_or(|end| end > file_len)
+            let outside = MapError::Range {
+                guest_addr: r.guest_addr,
+                len: r.len,
+                file_len,
+            };
+            if r.len == 0
+                || r.file_offset
+                    .checked_add(r.len)
+                    .is_none_or(|end| end > file_len)
             {
-                return Err(MapError::Range {
-                    guest_addr: r.guest_addr,
-                    len: r.len,
-                    file_len,
-                });
+                return Err(outside);
             }
+            let len = usize::try_from(r.len).map_err(|_| outside)?;
+            let file = memfd.try_clone().map_err(MapError::Stat)?;
+            // No MAP_NORESERVE: on a hugetlb memfd a missing page would be
+            // a SIGBUS in the agent instead of an error here.
+            let region = MmapRegionBuilder::new(len)
+                .with_file_offset(FileOffset::new(file, r.file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .build()?;
+            regions.push(
+                GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                    MapError::Layout(format!("a range at {:#x} wraps around", r.guest_addr))
+                })?,
+            );
         }
-        let len = usize::try_from(file_len).map_err(|_| MapError::Range {
-            guest_addr: 0,
-            len: file_len,
-            file_len,
-        })?;
-        let nz = NonZeroUsize::new(len).ok_or(MapError::Range {
-            guest_addr: 0,
-            len: 0,
-            file_len,
-        })?;
-        // SAFETY: a fresh shared mapping of a file we own; nothing else in
-        // this process aliases it as a Rust reference.
-        let base = unsafe {
-            mmap(
-                None,
-                nz,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                memfd.as_fd(),
-                0,
-            )?
-        };
-        Ok(Self {
-            base: base.cast(),
-            len,
-            ranges,
-            _memfd: memfd,
-        })
+        let mem =
+            GuestMemoryMmap::from_regions(regions).map_err(|e| MapError::Layout(e.to_string()))?;
+        Ok(Self { mem, ranges })
     }
 
     /// The guest's RAM ranges.
@@ -109,16 +102,13 @@ impl GuestMemory {
 
     /// The host address of `[gpa, gpa + len)` if it lies inside one RAM range.
     pub fn host_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        let end = gpa.checked_add(len)?;
-        let r = self
-            .ranges
-            .iter()
-            .find(|r| gpa >= r.guest_addr && end <= r.guest_addr + r.len)?;
-        let off = usize::try_from(r.file_offset + (gpa - r.guest_addr)).ok()?;
-        (off + usize::try_from(len).ok()? <= self.len).then(|| {
-            // SAFETY: off + len is inside the mapping (checked above).
-            unsafe { self.base.as_ptr().add(off) }
-        })
+        let start = GuestAddress(gpa);
+        let region = self.mem.find_region(start)?;
+        let offset = start.checked_offset_from(region.start_addr())?;
+        if offset.checked_add(len)? > region.len() {
+            return None;
+        }
+        region.get_host_address(MemoryRegionAddress(offset)).ok()
     }
 
     /// Copies guest bytes at `gpa` into `buf`; every aligned 8-byte word is
@@ -228,13 +218,6 @@ pub fn seals(f: &File) -> std::io::Result<SealFlag> {
     use std::os::fd::AsRawFd;
     let bits = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)?;
     Ok(SealFlag::from_bits_truncate(bits))
-}
-
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        // SAFETY: base/len are exactly what mmap returned; no references outlive self.
-        let _ = unsafe { munmap(self.base.cast(), self.len) };
-    }
 }
 
 #[cfg(test)]
