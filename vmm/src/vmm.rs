@@ -577,10 +577,17 @@ struct DeviceBuilder<'a> {
 }
 
 impl DeviceBuilder<'_> {
-    /// An irqfd routed to GSI `gsi`.
-    fn irqfd(&self, gsi: u32, what: &'static str) -> Result<EventFd, VmmError> {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os(what))?;
-        self.vm.register_irqfd(&irq, gsi).map_err(vm_ioctl(what))?;
+    /// An irqfd routed to GSI `gsi`; the errors name the step that failed.
+    fn irqfd(
+        &self,
+        gsi: u32,
+        create: &'static str,
+        register: &'static str,
+    ) -> Result<EventFd, VmmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os(create))?;
+        self.vm
+            .register_irqfd(&irq, gsi)
+            .map_err(vm_ioctl(register))?;
         Ok(irq)
     }
 
@@ -596,7 +603,11 @@ impl DeviceBuilder<'_> {
             })?),
             None => None,
         };
-        let irq = self.irqfd(serial::IRQ, "register the serial irqfd")?;
+        let irq = self.irqfd(
+            serial::IRQ,
+            "create the serial irqfd",
+            "register the serial irqfd",
+        )?;
         let com1 = Arc::new(Mutex::new(serial::SerialDevice::new(
             irq,
             serial::ConsoleOut::new(log),
@@ -645,7 +656,11 @@ impl DeviceBuilder<'_> {
 
     /// The backdoor device's registers; returns its (reserved) irqfd.
     fn add_backdoor(&mut self, vmm: &Vmm) -> Result<EventFd, VmmError> {
-        let irq = self.irqfd(backdoor::IRQ, "register the backdoor irqfd")?;
+        let irq = self.irqfd(
+            backdoor::IRQ,
+            "create the backdoor irqfd",
+            "register the backdoor irqfd",
+        )?;
         let ram_ranges = vmm
             .ram
             .ranges()
