@@ -1,12 +1,16 @@
 //! Prometheus metrics over HTTP (`bdctl watch --metrics ADDR`): after each
 //! round the watch loop fills a fresh [`Round`] (prometheus-client's
 //! registry, so the exposition format is the library's, not ours) and
-//! encodes it; a tiny_http server answers `GET /metrics` with the latest
-//! encoding. A fresh registry per round means a counter that disappeared
-//! from the guest disappears from the metrics too.
+//! encodes it; a small server thread answers `GET /metrics` with the
+//! latest encoding, one bounded request at a time. A fresh registry per
+//! round means a counter that disappeared from the guest disappears from
+//! the metrics too.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,29 +36,59 @@ impl Exposition {
     }
 }
 
+/// The most a request (line and headers) may take, in bytes and in time:
+/// one connection at a time is served, so a client that trickles or never
+/// ends its request holds the endpoint for at most this long, and no
+/// connection costs more than one small buffer (an HTTP library would
+/// start a thread per connection, which any peer could multiply).
+const MAX_REQUEST: usize = 8192;
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Serves `exposition` on `addr` from a thread; returns the bound address.
 pub fn serve(addr: &str, exposition: Exposition) -> std::io::Result<std::net::SocketAddr> {
-    let server = tiny_http::Server::http(addr).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("the metrics listener has no IP address"))?;
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("bdctl-metrics".into())
         .spawn(move || {
-            for request in server.incoming_requests() {
-                let response =
-                    if *request.method() == tiny_http::Method::Get && request.url() == "/metrics" {
-                        let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE)
-                            .expect("a valid header");
-                        tiny_http::Response::from_string(exposition.get()).with_header(header)
-                    } else {
-                        tiny_http::Response::from_string("try GET /metrics\n").with_status_code(404)
-                    };
-                let _ = request.respond(response);
+            for mut stream in listener.incoming().flatten() {
+                let Some(request) = read_request(&mut stream) else {
+                    continue;
+                };
+                let (status, content_type, body) = if request.starts_with(b"GET /metrics ") {
+                    ("200 OK", CONTENT_TYPE, exposition.get())
+                } else {
+                    ("404 Not Found", "text/plain", "try GET /metrics\n".to_owned())
+                };
+                let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
             }
         })?;
     Ok(bound)
+}
+
+/// Reads a request up to the blank line that ends its headers, within
+/// [`MAX_REQUEST`] bytes and [`REQUEST_DEADLINE`]; None if it does not end.
+fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        if left.is_zero() || buf.len() >= MAX_REQUEST {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).ok()?;
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(buf)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -221,6 +255,39 @@ impl Round {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scrape(addr: std::net::SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    #[test]
+    fn a_client_that_never_ends_its_request_holds_nothing_for_long() {
+        let e = Exposition::default();
+        e.set("bdctl_target_up{target=\"t\"} 1\n# EOF\n".into());
+        let addr = serve("127.0.0.1:0", e).unwrap();
+        // One client stalls mid-request, another floods bytes with no end:
+        // the endpoint drops each within its bounds and serves the next.
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled.write_all(b"GET /met").unwrap();
+        let mut flood = TcpStream::connect(addr).unwrap();
+        let junk = vec![b'x'; 4 * MAX_REQUEST];
+        let _ = flood.write_all(&junk);
+        let body = scrape(addr);
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(body.contains("bdctl_target_up{target=\"t\"} 1"), "{body}");
+        let mut rest = Vec::new();
+        let _ = flood.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "the flood was answered");
+        let mut other = TcpStream::connect(addr).unwrap();
+        other.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        other.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    }
 
     #[test]
     fn a_round_encodes_every_family_with_its_labels_escaped() {
