@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::channel::{Channel, HandshakeError, Initiator};
 use crate::descriptor::PublicDescriptor;
-use crate::wire::{read_msg, write_msg, BatchEntry, ErrorCode, Msg, Role, WireError};
+use crate::wire::{self, read_msg_bounded, write_msg, BatchEntry, ErrorCode, Msg, Role, WireError};
 
 /// Errors seen by a monitor.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +164,7 @@ impl Client {
         // The answer comes in the clear: an ACCEPT opens only if the agent
         // holds the key; a refusal could be forged, but can do no more
         // than cutting the connection does.
-        let mut channel = match read_msg(&mut r)?.1 {
+        let mut channel = match read_msg_bounded(&mut r, wire::MAX_HELLO_REPLY)?.1 {
             Msg::Accept { noise } => handshake.finish(&noise).map_err(handshake_error)?,
             Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
             other => {

@@ -28,6 +28,12 @@ pub const MAX_PAYLOAD: u32 = MAX_READ + 4096;
 pub const MAX_NAME: usize = 64;
 /// Longest Noise handshake message HELLO or ACCEPT may carry.
 pub const MAX_HANDSHAKE_MSG: usize = 64;
+/// Longest ERROR message text.
+pub const MAX_ERROR_TEXT: u16 = 4096;
+/// Largest payload of the agent's answer to HELLO, read before the agent
+/// is authenticated: an ERROR (code, length) with the longest text
+/// (ACCEPT is smaller).
+pub const MAX_HELLO_REPLY: u32 = 4 + MAX_ERROR_TEXT as u32;
 
 /// Errors decoding or exchanging frames.
 #[derive(Debug, thiserror::Error)]
@@ -413,7 +419,7 @@ impl Msg {
                 let code = ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal);
                 Self::Error {
                     code,
-                    message: c.string(4096)?,
+                    message: c.string(usize::from(MAX_ERROR_TEXT))?,
                 }
             }
             6 => Self::Describe,

@@ -296,6 +296,24 @@ fn wrong_keys_unknown_vms_and_malformed_frames_are_refused() {
     });
     let e = Client::connect(at, "vm1", Role::Read, &keys::READ, NET).unwrap_err();
     assert!(matches!(e, ClientError::AgentNotAuthentic), "{e:?}");
+    // Nor can it make the monitor take a large frame before it is known:
+    // the answer to HELLO is bounded at its header.
+    let impostor = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = impostor.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = impostor.accept().unwrap();
+        let _ = read_msg(&mut c);
+        write_msg(&mut c, 0, &Msg::Welcome(vec![b' '; 1 << 20])).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let e = Client::connect(at, "vm1", Role::Read, &keys::READ, NET).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Wire(backdoor_agent::wire::WireError::TooLarge(_))
+        ),
+        "{e:?}"
+    );
     // Garbage instead of a frame, and an oversized frame: closed, nothing else affected.
     for junk in [
         b"GET / HTTP/1.0\r\n\r\n".to_vec(),
