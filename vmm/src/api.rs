@@ -17,7 +17,7 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 
-use crate::bus::Bus;
+use crate::bus::Io;
 use crate::exit_counters::{ExitCounters, ExitCounts};
 use crate::lifecycle::{Lifecycle, RunState, VmExit};
 
@@ -208,10 +208,8 @@ pub struct VmControl {
     pub counters: Vec<Arc<ExitCounters>>,
     /// Where each vCPU was at its last exit, by index.
     pub locations: Vec<Arc<crate::vcpu::VcpuLocation>>,
-    /// Port bus (for its unhandled count).
-    pub pio: Arc<Bus>,
-    /// MMIO bus (for its unhandled count).
-    pub mmio: Arc<Bus>,
+    /// The buses (for their unhandled counts).
+    pub io: Arc<Io>,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
     /// Description of the guest.
@@ -290,8 +288,8 @@ impl VmControl {
                 uptime_ms: u64::try_from(self.lifecycle.started().elapsed().as_millis())
                     .unwrap_or(u64::MAX),
                 boot_timer_ns: Some(self.boot_timer_ns.load(Ordering::Relaxed)).filter(|&t| t != 0),
-                unhandled_pio: self.pio.unhandled(),
-                unhandled_mmio: self.mmio.unhandled(),
+                unhandled_pio: self.io.pio_unhandled(),
+                unhandled_mmio: self.io.mmio_unhandled(),
                 exits: self.exits(),
                 boots: self.boots,
                 generation: self.backdoor.snapshot().generation,

@@ -13,7 +13,7 @@ use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
-use crate::bus::Bus;
+use crate::bus::Io;
 use crate::exit_counters::ExitCounters;
 use crate::lifecycle::{Lifecycle, VmExit};
 
@@ -53,10 +53,8 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 pub struct VcpuContext {
     /// vCPU index.
     pub index: u8,
-    /// Port bus.
-    pub pio: Arc<Bus>,
-    /// MMIO bus.
-    pub mmio: Arc<Bus>,
+    /// The port and MMIO buses.
+    pub io: Arc<Io>,
     /// Shared run state.
     pub lifecycle: Arc<Lifecycle>,
     /// This vCPU's exit counters.
@@ -266,22 +264,22 @@ fn run_once(fd: &mut VcpuFd, ctx: &VcpuContext, last_exit: Option<&Registers>) -
     match fd.run() {
         Ok(VcpuExit::IoOut(port, data)) => {
             ExitCounters::bump(&c.io_out);
-            ctx.pio.write(u64::from(port), data);
+            ctx.io.pio_write(port, data);
             None
         }
         Ok(VcpuExit::IoIn(port, data)) => {
             ExitCounters::bump(&c.io_in);
-            ctx.pio.read(u64::from(port), data);
+            ctx.io.pio_read(port, data);
             None
         }
         Ok(VcpuExit::MmioRead(addr, data)) => {
             ExitCounters::bump(&c.mmio_read);
-            ctx.mmio.read(addr, data);
+            ctx.io.mmio_read(addr, data);
             None
         }
         Ok(VcpuExit::MmioWrite(addr, data)) => {
             ExitCounters::bump(&c.mmio_write);
-            ctx.mmio.write(addr, data);
+            ctx.io.mmio_write(addr, data);
             None
         }
         Ok(VcpuExit::Hlt) => {

@@ -17,6 +17,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_device::MutDevicePio;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiError, ApiServer, VmControl};
@@ -24,7 +25,7 @@ use crate::boot::cpu::{self, CpuError, Entry};
 use crate::boot::linux::{self, LinuxBootError};
 use crate::boot::mptable::{self, MpTableError};
 use crate::boot::test_guest::{self, TestGuestError};
-use crate::bus::{Bus, BusDevice, BusError, Width};
+use crate::bus::{BusError, Io};
 use crate::config::{GuestConfig, VmConfig};
 use crate::devices::serial::ConsoleInput;
 use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial, watchdog};
@@ -362,8 +363,7 @@ impl Machine {
 
         let boot_timer_ns = Arc::new(AtomicU64::new(0));
         let Devices {
-            pio,
-            mmio,
+            io,
             backdoor_irq,
             com1,
         } = add_devices(&vm, vmm, &lifecycle, &boot_timer_ns)?;
@@ -420,8 +420,7 @@ impl Machine {
             lifecycle: lifecycle.clone(),
             counters,
             locations,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
+            io: Arc::new(io),
             mem_bytes: ram.size(),
             guest: match &config.guest {
                 GuestConfig::Linux { kernel, .. } => format!("linux:{}", kernel.display()),
@@ -462,8 +461,7 @@ impl Machine {
         for (i, fd) in self.vcpu_fds.drain(..).enumerate() {
             let ctx = VcpuContext {
                 index: u8::try_from(i).expect("at most MAX_VCPUS vCPUs"),
-                pio: self.control.pio.clone(),
-                mmio: self.control.mmio.clone(),
+                io: self.control.io.clone(),
                 lifecycle: self.lifecycle.clone(),
                 counters: self.control.counters[i].clone(),
                 sync_regs: self.sync_regs,
@@ -537,8 +535,7 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
 
 /// The buses, and what must live as long as the machine.
 struct Devices {
-    pio: Bus,
-    mmio: Bus,
+    io: Io,
     backdoor_irq: EventFd,
     com1: Arc<Mutex<serial::SerialDevice>>,
 }
@@ -550,11 +547,7 @@ fn add_devices(
     lifecycle: &Arc<Lifecycle>,
     boot_timer_ns: &Arc<AtomicU64>,
 ) -> Result<Devices, VmmError> {
-    let mut b = DeviceBuilder {
-        vm,
-        pio: Bus::new("pio", Width::ByStart),
-        mmio: Bus::new("mmio", Width::Contained),
-    };
+    let mut b = DeviceBuilder { vm, io: Io::new() };
     let com1 = b.add_serial(vmm.config.console_log.as_deref())?;
     b.add_i8042(lifecycle)?;
     b.add_debug_exit(lifecycle)?;
@@ -562,8 +555,7 @@ fn add_devices(
     b.add_watchdog(lifecycle)?;
     let backdoor_irq = b.add_backdoor(vmm)?;
     Ok(Devices {
-        pio: b.pio,
-        mmio: b.mmio,
+        io: b.io,
         backdoor_irq,
         com1,
     })
@@ -572,8 +564,7 @@ fn add_devices(
 /// The buses while devices are added to them.
 struct DeviceBuilder<'a> {
     vm: &'a VmFd,
-    pio: Bus,
-    mmio: Bus,
+    io: Io,
 }
 
 impl DeviceBuilder<'_> {
@@ -612,8 +603,8 @@ impl DeviceBuilder<'_> {
             irq,
             serial::ConsoleOut::new(log),
         )));
-        self.pio
-            .insert("com1", u64::from(serial::PORT), serial::LEN, com1.clone())?;
+        self.io
+            .add_pio("com1", serial::PORT, serial::LEN, com1.clone())?;
         Ok(com1)
     }
 
@@ -622,11 +613,11 @@ impl DeviceBuilder<'_> {
         &mut self,
         name: &'static str,
         port: u16,
-        len: u64,
-        device: impl BusDevice + 'static,
+        len: u16,
+        device: impl MutDevicePio + Send + 'static,
     ) -> Result<(), VmmError> {
-        self.pio
-            .insert(name, u64::from(port), len, Arc::new(Mutex::new(device)))?;
+        self.io
+            .add_pio(name, port, len, Arc::new(Mutex::new(device)))?;
         Ok(())
     }
 
@@ -672,7 +663,7 @@ impl DeviceBuilder<'_> {
             Box::new(backdoor::GuestRam(vmm.ram.memory().clone())),
             ram_ranges,
         );
-        self.mmio.insert(
+        self.io.add_mmio(
             "backdoor",
             backdoor::MMIO_BASE,
             backdoor::MMIO_SIZE,

@@ -4,7 +4,8 @@
 use backdoor_dev::{BackdoorDevice, GuestReader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::bus::BusDevice;
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+use vm_device::MutDeviceMmio;
 
 /// Base of the register block: the first page of the MMIO gap, below 3 GiB.
 pub const MMIO_BASE: u64 = crate::layout::MMIO_GAP_START;
@@ -33,12 +34,12 @@ impl GuestReader for GuestRam {
 #[derive(Debug)]
 pub struct BackdoorMmio(pub BackdoorDevice);
 
-impl BusDevice for BackdoorMmio {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl MutDeviceMmio for BackdoorMmio {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
         self.0.read(offset, data);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         self.0.write(offset, data);
     }
 }

@@ -5,12 +5,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::bus::BusDevice;
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
 
 /// I/O port of the device.
 pub const PORT: u16 = 0xf5;
 /// Ports it decodes.
-pub const LEN: u64 = 1;
+pub const LEN: u16 = 1;
 
 /// Nanoseconds of CLOCK_MONOTONIC, comparable across processes.
 pub fn monotonic_ns() -> u64 {
@@ -41,12 +42,12 @@ impl BootTimer {
     }
 }
 
-impl BusDevice for BootTimer {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+impl MutDevicePio for BootTimer {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0);
     }
 
-    fn write(&mut self, _offset: u64, _data: &[u8]) {
+    fn pio_write(&mut self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {
         let now = monotonic_ns();
         if self
             .first_write_ns

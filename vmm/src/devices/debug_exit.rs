@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use crate::bus::BusDevice;
 use crate::lifecycle::{Lifecycle, VmExit};
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
 
 /// I/O port of the device.
 pub const PORT: u16 = 0xf4;
 /// Ports it decodes (wider writes at this port reach it whole).
-pub const LEN: u64 = 1;
+pub const LEN: u16 = 1;
 
 /// The debug-exit device.
 #[derive(Debug)]
@@ -24,12 +25,12 @@ impl DebugExit {
     }
 }
 
-impl BusDevice for DebugExit {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+impl MutDevicePio for DebugExit {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if offset != 0 {
             tracing::debug!("debug-exit: ignored write at offset {offset}");
             return;

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use vm_superio::{I8042Device, Trigger};
 
-use crate::bus::BusDevice;
 use crate::lifecycle::{Lifecycle, VmExit};
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
 
 /// First port of the controller (data port 0x60; command/status is 0x64).
 pub const PORT: u16 = 0x60;
 /// Ports 0x60..=0x64.
-pub const LEN: u64 = 5;
+pub const LEN: u16 = 5;
 
 /// Turns the controller's reset line into a reset of the VM.
 #[derive(Debug)]
@@ -39,14 +40,14 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl MutDevicePio for I8042 {
+    fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty, no keyboard data.
         let value = u8::try_from(offset).map_or(0, |o| self.0.read(o));
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
             let Ok(()) = self.0.write(offset, value);
         }

@@ -14,12 +14,13 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::BusDevice;
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
 
 /// COM1's first port.
 pub const PORT: u16 = 0x3f8;
 /// COM1 decodes eight ports.
-pub const LEN: u64 = 8;
+pub const LEN: u16 = 8;
 /// COM1's ISA interrupt line.
 pub const IRQ: u32 = 4;
 
@@ -136,8 +137,8 @@ impl SerialDevice {
     }
 }
 
-impl BusDevice for SerialDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl MutDevicePio for SerialDevice {
+    fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         if data.len() != 1 {
             data.fill(0xff);
             return;
@@ -153,7 +154,7 @@ impl BusDevice for SerialDevice {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         let (1, Ok(offset)) = (data.len(), u8::try_from(offset)) else {
             return;
         };
@@ -231,7 +232,8 @@ impl MutEventSubscriber for ConsoleInput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::BusDevice;
+
+    const BASE: PioAddress = PioAddress(PORT);
 
     fn com1() -> SerialDevice {
         SerialDevice::new(
@@ -245,11 +247,11 @@ mod tests {
         let mut out = Vec::new();
         let mut b = [0u8];
         loop {
-            dev.read(5, &mut b);
+            dev.pio_read(BASE, 5, &mut b);
             if b[0] & 1 == 0 {
                 return out;
             }
-            dev.read(0, &mut b);
+            dev.pio_read(BASE, 0, &mut b);
             out.push(b[0]);
         }
     }

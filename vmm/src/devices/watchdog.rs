@@ -13,13 +13,14 @@
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::bus::BusDevice;
 use crate::lifecycle::{Lifecycle, RunState, VmExit};
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
 
 /// I/O port of the device (free in bdvmm's port map, next to the boot timer).
 pub const PORT: u16 = 0xf6;
 /// Ports it decodes.
-pub const LEN: u64 = 1;
+pub const LEN: u16 = 1;
 /// How often the expiry thread looks at the deadline.
 const TICK: Duration = Duration::from_millis(5);
 
@@ -110,8 +111,8 @@ fn expiry_loop(state: &Weak<Mutex<State>>, lifecycle: &Lifecycle) {
     }
 }
 
-impl BusDevice for Watchdog {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+impl MutDevicePio for Watchdog {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
         let ms = lock(&self.state)
             .timeout
             .map_or(0, |t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX));
@@ -124,7 +125,7 @@ impl BusDevice for Watchdog {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         if offset != 0 {
             return;
         }
@@ -151,20 +152,22 @@ mod tests {
     use super::*;
     use crate::lifecycle::for_tests as lifecycle;
 
+    const BASE: PioAddress = PioAddress(PORT);
+
     #[test]
     fn petting_keeps_the_vm_alive_and_silence_resets_it() {
         let lc = lifecycle();
         let mut wd = Watchdog::new(lc.clone());
         let mut timeout = [0u8; 4];
-        wd.read(0, &mut timeout);
+        wd.pio_read(BASE, 0, &mut timeout);
         assert_eq!(u32::from_le_bytes(timeout), 0, "starts disarmed");
         for _ in 0..10 {
-            wd.write(0, &60u32.to_le_bytes());
+            wd.pio_write(BASE, 0, &60u32.to_le_bytes());
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(wd.pets(), 10);
         assert_eq!(lc.exit_reason(), None, "petted in time");
-        wd.read(0, &mut timeout);
+        wd.pio_read(BASE, 0, &mut timeout);
         assert_eq!(u32::from_le_bytes(timeout), 60);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(lc.exit_reason(), Some(VmExit::Reset));
@@ -174,8 +177,8 @@ mod tests {
     fn a_disarmed_watchdog_never_fires() {
         let lc = lifecycle();
         let mut wd = Watchdog::new(lc.clone());
-        wd.write(0, &[30]);
-        wd.write(0, &[0]);
+        wd.pio_write(BASE, 0, &[30]);
+        wd.pio_write(BASE, 0, &[0]);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(lc.exit_reason(), None);
         assert_eq!(wd.pets(), 1);
