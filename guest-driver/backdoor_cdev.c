@@ -196,7 +196,7 @@ static long bd_ioc_info(void __user *argp)
 	info.sealed = bd_drv.sealed;
 	info.slots_total = bd_drv.slot_count;
 	info.slot_size = PAGE_SIZE;
-	info.os_counter_id = bd_drv.os_counter->id;
+	info.os_counter_id = BD_OS_COUNTER_SLOT(0) + 1;	/* CPU 0's */
 	if (bd_drv.inbox) {
 		info.inbox_len = bd_drv.inbox_len;
 		info.inbox_mmap_offset = BD_MMAP_INBOX;

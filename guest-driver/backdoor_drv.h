@@ -56,7 +56,6 @@ struct bd_drv {
 
 	void *pbox;			/* progress box */
 	size_t pbox_len;
-	struct bd_counter *os_counter;
 	struct bd_cpool cpool;
 	struct bd_cpage *cpages;
 	u64 next_token;
@@ -89,6 +88,9 @@ void bd_cdev_unregister(void);
 int bd_register(const char *name, void *mem, size_t len, u32 kind, u32 perms);
 /* backdoor_klog.c: the kernel's vmcoreinfo and log as BD_KIND_KERNEL hooks. */
 int bd_klog_register(void);
+
+/* CPU @cpu's OS-level counter: slot @cpu, id @cpu + 1, in the driver's pages. */
+#define BD_OS_COUNTER_SLOT(cpu)	(cpu)
 
 /* Counter @slot of the progress box. */
 static inline struct bd_counter *bd_counter_at(u32 slot)

@@ -7,12 +7,15 @@
  * line's backdoor.dev=SIZE@BASE[:IRQ]), lays out a progress box, a state
  * box and an inbox in physically contiguous kernel memory, registers them
  * as hooks and seals the device, so a remote monitor can read them with no
- * help from this kernel.  A kernel timer bumps the OS-level counter
- * "kernel": when it stops, the kernel is hung, whatever applications do.
+ * help from this kernel.  Each online CPU has an OS-level counter
+ * "kernel" (its owner is the CPU's number), bumped by a timer pinned to
+ * that CPU: when one stops, that CPU is stuck, whatever the others and
+ * applications do.
  * /dev/backdoor (backdoor_cdev.c) hands the rest out to applications.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/cpuhotplug.h>
 #include <linux/gfp.h>
 #include <linux/io.h>
 #include <linux/ioport.h>
@@ -20,6 +23,7 @@
 #include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
+#include <linux/percpu.h>
 #include <linux/slab.h>
 #include <linux/smp.h>
 #include <linux/string.h>
@@ -60,11 +64,11 @@ MODULE_PARM_DESC(inbox_slot_size, "bytes per inbox record slot: bdctl resume --s
 
 static unsigned int os_tick_ms = 100;
 module_param(os_tick_ms, uint, 0444);
-MODULE_PARM_DESC(os_tick_ms, "period of the timer that bumps the OS-level counter, ms (1-60000, default 100)");
+MODULE_PARM_DESC(os_tick_ms, "period of the per-CPU timers that bump the OS-level counters, ms (1-60000, default 100)");
 
 static unsigned int os_deadline_ms = 1000;
 module_param(os_deadline_ms, uint, 0444);
-MODULE_PARM_DESC(os_deadline_ms, "deadline of the OS-level counter, ms (more than os_tick_ms, default 1000)");
+MODULE_PARM_DESC(os_deadline_ms, "deadline of the OS-level counters, ms (more than os_tick_ms, default 1000)");
 
 static bool kernel_log = true;
 module_param(kernel_log, bool, 0444);
@@ -87,10 +91,19 @@ static struct {
 	u32 hook_ids[BD_DRV_MAX_HOOKS];
 	unsigned int nhooks;
 	unsigned long tick;		/* os_tick_ms in jiffies */
-	bool stopping;
+	int cpuhp_state;		/* > 0 while the CPU callbacks are set */
 } bd;
 
-static struct timer_list bd_os_timer;
+static const char bd_kernel_name[BD_COUNTER_NAME_LEN] = "kernel";
+
+/* A CPU's OS-level counter and the timer, pinned to that CPU, that bumps it. */
+struct bd_cpu_tick {
+	struct timer_list timer;
+	struct bd_counter *counter;
+	bool on;			/* the timer may re-arm itself */
+};
+
+static DEFINE_PER_CPU(struct bd_cpu_tick, bd_cpu_ticks);
 
 /*
  * The portable register helpers (lib/backdoor_guest.c) call these: the
@@ -242,8 +255,17 @@ static void bd_free_boxes(void)
 
 static int bd_setup_boxes(void)
 {
-	static const char kernel_name[BD_COUNTER_NAME_LEN] = "kernel";
+	const unsigned int per_page = PAGE_SIZE / BD_COUNTER_SIZE;
+	/* Slot n is CPU n's counter, so the driver keeps nr_cpu_ids slots. */
+	unsigned int kpages = DIV_ROUND_UP(nr_cpu_ids + 1, per_page);
+	unsigned int cpu, i;
 	int n;
+
+	if (kpages >= pbox_pages) {
+		pr_err("pbox_pages=%u leaves no page for applications: the counters of %u CPUs take %u\n",
+		       pbox_pages, nr_cpu_ids, kpages);
+		return -EINVAL;
+	}
 
 	bd_drv.pbox_len = (size_t)pbox_pages * PAGE_SIZE;
 	bd_drv.sbox_len = (size_t)(sbox_slots + 1) * PAGE_SIZE;
@@ -271,23 +293,24 @@ static int bd_setup_boxes(void)
 				   PAGE_SIZE))
 		goto layout;
 	/*
-	 * Pages 1 and up go whole to applications, which could write any
-	 * level into their counters: only page 0's slots may claim OS.
+	 * The pages after the driver's go whole to applications, which could
+	 * write any level into their counters: only the driver's slots may
+	 * claim OS.
 	 */
 	((struct bd_pbox_header *)bd_drv.pbox)->kernel_slots =
-		PAGE_SIZE / BD_COUNTER_SIZE - 1;
+		kpages * per_page - 1;
+	for (i = 0; i < kpages; i++)
+		bd_drv.cpool.pages[i].owner = BD_CPOOL_DRIVER;
 	/* A page-sized header puts every slot on a page of its own. */
 	n = bd_sbox_init_at(bd_drv.sbox, bd_drv.sbox_len, PAGE_SIZE, PAGE_SIZE);
 	if (n != (int)sbox_slots)
 		goto layout;
 	bd_spool_init(&bd_drv.spool, bd_drv.slot_used, sbox_slots);
 
-	/* Slot 0, id 1, in page 0, which no application can map. */
-	bd_drv.os_counter = bd_counter_at(0);
-	if (bd_counter_setup(bd_drv.os_counter, 1, kernel_name, os_deadline_ms,
-			     BD_LEVEL_OS, 0))
-		goto layout;
-	bd_drv.cpool.pages[0].used = 1;
+	/* Set up when each CPU comes online (bd_cpu_online). */
+	for_each_possible_cpu(cpu)
+		per_cpu_ptr(&bd_cpu_ticks, cpu)->counter =
+			bd_counter_at(BD_OS_COUNTER_SLOT(cpu));
 	return 0;
 nomem:
 	bd_free_boxes();
@@ -300,15 +323,64 @@ layout:
 
 static void bd_os_tick(struct timer_list *t)
 {
-	bd_counter_bump(bd_drv.os_counter);
-	if (!READ_ONCE(bd.stopping))
-		mod_timer(&bd_os_timer, jiffies + bd.tick);
+	struct bd_cpu_tick *ct = container_of(t, struct bd_cpu_tick, timer);
+
+	bd_counter_bump(ct->counter);
+	/*
+	 * A pinned timer re-arms on this CPU, never on a healthy one, so a
+	 * CPU stuck with interrupts off stops its own counter.
+	 */
+	if (READ_ONCE(ct->on))
+		mod_timer(&ct->timer, jiffies + bd.tick);
 }
 
-static void bd_os_timer_stop(void)
+/* CPU hotplug: runs on @cpu as it comes online (and at load). */
+static int bd_cpu_online(unsigned int cpu)
 {
-	WRITE_ONCE(bd.stopping, true);
-	bd_timer_delete_sync(&bd_os_timer);
+	struct bd_cpu_tick *ct = per_cpu_ptr(&bd_cpu_ticks, cpu);
+
+	if (bd_counter_setup(ct->counter, BD_OS_COUNTER_SLOT(cpu) + 1,
+			     bd_kernel_name, os_deadline_ms, BD_LEVEL_OS, cpu))
+		return -EINVAL;
+	WRITE_ONCE(ct->on, true);
+	timer_setup(&ct->timer, bd_os_tick, TIMER_PINNED);
+	ct->timer.expires = jiffies + bd.tick;
+	add_timer_on(&ct->timer, cpu);
+	return 0;
+}
+
+/* CPU hotplug: runs on @cpu as it goes offline (and at unload). */
+static int bd_cpu_offline(unsigned int cpu)
+{
+	struct bd_cpu_tick *ct = per_cpu_ptr(&bd_cpu_ticks, cpu);
+
+	WRITE_ONCE(ct->on, false);
+	bd_timer_delete_sync(&ct->timer);
+	/* An offline CPU is not a stuck one: its counter leaves the box. */
+	bd_counter_retire(ct->counter);
+	return 0;
+}
+
+/* Starts every online CPU's counter, and each CPU's that comes online. */
+static int bd_os_ticks_start(void)
+{
+	int ret = cpuhp_setup_state(CPUHP_AP_ONLINE_DYN, "misc/backdoor:online",
+				    bd_cpu_online, bd_cpu_offline);
+
+	if (ret < 0) {
+		pr_err("cannot start the per-CPU OS-level counters (%d)\n", ret);
+		return ret;
+	}
+	bd.cpuhp_state = ret;
+	return 0;
+}
+
+/* Stops and retires every CPU's counter. */
+static void bd_os_ticks_stop(void)
+{
+	if (bd.cpuhp_state > 0)
+		cpuhp_remove_state(bd.cpuhp_state);
+	bd.cpuhp_state = 0;
 }
 
 int bd_register(const char *name, void *mem, size_t len, u32 kind, u32 perms)
@@ -442,10 +514,11 @@ static int __init bd_init(void)
 	if (ret)
 		goto out_desc;
 
-	/* Moving before any monitor can see it. */
+	/* Moving before any monitor can see them. */
 	bd.tick = max(1UL, msecs_to_jiffies(os_tick_ms));
-	timer_setup(&bd_os_timer, bd_os_tick, 0);
-	mod_timer(&bd_os_timer, jiffies + bd.tick);
+	ret = bd_os_ticks_start();
+	if (ret)
+		goto out_boxes;
 
 	ret = bd_register_all(features);
 	if (ret)
@@ -484,7 +557,7 @@ static int __init bd_init(void)
 out_cdev:
 	bd_cdev_unregister();
 out_hooks:
-	bd_os_timer_stop();
+	bd_os_ticks_stop();
 	if (bd_unregister_all()) {
 		/* The device may still expose them: never give them back. */
 		pr_err("leaking the boxes: the device may still expose them\n");
@@ -493,6 +566,9 @@ out_hooks:
 	} else {
 		bd_free_boxes();
 	}
+	goto out_desc;
+out_boxes:
+	bd_free_boxes();
 out_desc:
 	kfree(bd.desc);
 out_unmap:
@@ -508,13 +584,11 @@ static void __exit bd_exit(void)
 	 * or by a forced unload.
 	 */
 	bd_cdev_unregister();
-	bd_os_timer_stop();
-	if (bd_drv.sealed || bd_unregister_all()) {
-		bd_counter_retire(bd_drv.os_counter);
+	bd_os_ticks_stop();
+	if (bd_drv.sealed || bd_unregister_all())
 		pr_warn("leaving the boxes allocated: the device still exposes them\n");
-	} else {
+	else
 		bd_free_boxes();
-	}
 	kfree(bd.desc);
 	iounmap(bd.regs);
 	release_mem_region(bd.base, bd.size);
@@ -568,6 +642,43 @@ static const struct kernel_param_ops bd_hang_ops = {
 
 module_param_cb(hang_trigger, &bd_hang_ops, NULL, 0200);
 MODULE_PARM_DESC(hang_trigger, "TEST ONLY: write 1 to hang every CPU with interrupts off (needs allow_hang=1)");
+
+/*
+ * Writing N to /sys/module/backdoor/parameters/hang_cpu stops CPU N alone
+ * with interrupts off, the way a deadlock on some CPUs does: that CPU's
+ * OS-level counter stops while the others keep going.  Test only, as
+ * hang_trigger.
+ */
+static int bd_hang_cpu_set(const char *val, const struct kernel_param *kp)
+{
+	unsigned int cpu;
+	int ret;
+
+	ret = kstrtouint(val, 0, &cpu);
+	if (ret || cpu >= nr_cpu_ids || !cpu_online(cpu)) {
+		pr_err("hang_cpu: write the number of an online CPU\n");
+		return -EINVAL;
+	}
+	if (!allow_hang) {
+		pr_err("hang_cpu refused: load the module with allow_hang=1 (test only)\n");
+		return -EPERM;
+	}
+	if (!READ_ONCE(bd_drv.ready)) {
+		pr_err("hang_cpu works only once the module is loaded\n");
+		return -EINVAL;
+	}
+	pr_emerg("test-only hang trigger: stopping CPU %u with interrupts off\n",
+		 cpu);
+	/* Does not wait: the writer returns unless it runs on @cpu itself. */
+	return smp_call_function_single(cpu, bd_hang_cpu, NULL, 0);
+}
+
+static const struct kernel_param_ops bd_hang_cpu_ops = {
+	.set = bd_hang_cpu_set,
+};
+
+module_param_cb(hang_cpu, &bd_hang_cpu_ops, NULL, 0200);
+MODULE_PARM_DESC(hang_cpu, "TEST ONLY: write N to hang CPU N alone with interrupts off (needs allow_hang=1)");
 
 module_init(bd_init);
 module_exit(bd_exit);

@@ -49,7 +49,7 @@ struct bd_ioc_info {
 	__u32 slots_total;	/* state-box slots */
 	__u32 slots_free;	/* slots in no service's area */
 	__u32 slot_size;	/* bytes per slot, a multiple of the page size */
-	__u32 os_counter_id;	/* id of the driver's OS-level counter */
+	__u32 os_counter_id;	/* id of CPU 0's OS-level counter (CPU n: n + 1) */
 	__u32 inbox_len;	/* bytes of the inbox; 0: none */
 	__u64 inbox_mmap_offset; /* mmap inbox_len bytes here, read-only */
 	__u32 inbox_slot_size;	/* bytes per inbox record slot */

@@ -30,6 +30,8 @@
 #                 while the kernel's keeps moving)
 #   cont-bdkv     SIGCONT it
 #   hang-kernel   hang the kernel through the module's test-only trigger
+#   hang-cpu N    hang CPU N alone (the module's test-only hang_cpu)
+#   cpu-offline N / cpu-online N   take CPU N out of service, or back
 #
 # Run by tests/tests/guest_image.rs on hosts with VMX/SVM and in the lab
 # (tests/lab/lab.sh), and by `make demo-linux`.
@@ -125,6 +127,21 @@ serve_commands() {
 			;;
 		hang-kernel)
 			hang_kernel
+			;;
+		hang-cpu\ [0-9]*)
+			cpu=${command#hang-cpu }
+			say "hanging CPU $cpu now"
+			echo "$cpu" >/sys/module/backdoor/parameters/hang_cpu ||
+				fail "the module's hang_cpu refused CPU $cpu"
+			say "CPU $cpu hung"
+			;;
+		cpu-offline\ [0-9]* | cpu-online\ [0-9]*)
+			cpu=${command#cpu-*line }
+			state=0
+			case $command in cpu-online*) state=1 ;; esac
+			echo $state >"/sys/devices/system/cpu/cpu$cpu/online" ||
+				fail "cannot set CPU $cpu online=$state"
+			say "CPU $cpu online=$(cat "/sys/devices/system/cpu/cpu$cpu/online")"
 			;;
 		'') ;;
 		*) say "unknown command '$command'" ;;

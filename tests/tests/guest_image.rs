@@ -684,6 +684,106 @@ fn guest_image_hang_is_detected_extracted_and_resumed() {
     drop(p.agent);
 }
 
+/// The driver's per-CPU OS-level counters `bdctl status --json` reports
+/// (each named "kernel", owned by its CPU): owner → (state, value).
+fn cpu_counters(target: &str, keyfile: &str) -> BTreeMap<u64, (String, u64)> {
+    let (code, out, err) = bdctl(&["status", target, "--key-file", keyfile, "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
+    v["counters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no counters in {v}"))
+        .iter()
+        .filter(|c| c["name"] == "kernel" && c["level"] == "os")
+        .map(|c| {
+            (
+                c["owner"].as_u64().unwrap(),
+                (
+                    c["state"].as_str().unwrap().to_owned(),
+                    c["value"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Waits until CPU `cpu`'s counter is in `state` (a CPU going offline or
+/// online reaches the driver's hotplug callback a little later).
+fn wait_cpu_counter(target: &str, keyfile: &str, cpu: u64, state: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let c = cpu_counters(target, keyfile);
+        if c.get(&cpu).map(|c| c.0.as_str()) == Some(state) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CPU {cpu} never {state}: {c:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn guest_image_one_stuck_cpu_is_an_os_hang_that_names_the_cpu() {
+    if !can_run_with_hardware_virtualization(
+        "guest_image_one_stuck_cpu_is_an_os_hang_that_names_the_cpu",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let keyfile = k.to_str().unwrap();
+    let image = primary();
+    let mut p = start_primary(dir.path(), &k, &image.initrd, 1);
+    let w = Watch::start(&p.target, &k, &["--interval-ms", &INTERVAL_MS.to_string()]);
+    w.verdict("healthy", T);
+
+    // One OS-level counter per online CPU, each moving on its own.
+    let c1 = cpu_counters(&p.target, keyfile);
+    assert_eq!(c1.keys().copied().collect::<Vec<_>>(), [0, 1], "{c1:?}");
+    std::thread::sleep(Duration::from_millis(3 * OS_DEADLINE_MS));
+    let c2 = cpu_counters(&p.target, keyfile);
+    for cpu in [0, 1] {
+        assert_eq!(c2[&cpu].0, "active", "{c2:?}");
+        assert!(
+            c2[&cpu].1 > c1[&cpu].1,
+            "CPU {cpu}'s counter: {c1:?} -> {c2:?}"
+        );
+    }
+
+    // A CPU taken offline is not a stuck one: its counter retires and the
+    // guest stays healthy; back online, it counts again.
+    p.vm.send_console("cpu-offline 1\n");
+    p.vm.wait_line("BDIMG: CPU 1 online=0", T);
+    wait_cpu_counter(&p.target, keyfile, 1, "retired");
+    let quiet = w.collect(Duration::from_millis(3 * OS_DEADLINE_MS));
+    assert!(
+        !quiet.iter().any(|e| e["verdict"] == "hung"),
+        "an offline CPU was judged hung: {quiet:?}"
+    );
+    p.vm.send_console("cpu-online 1\n");
+    p.vm.wait_line("BDIMG: CPU 1 online=1", T);
+    wait_cpu_counter(&p.target, keyfile, 1, "active");
+
+    // CPU 1 stops with interrupts off while CPU 0 runs on: an OS-level
+    // hang, and the verdict names the stuck CPU (the counter that stalled
+    // longest), which one timer ticking on a healthy CPU could not.
+    p.vm.send_console("hang-cpu 1\n");
+    p.vm.wait_line("backdoor: test-only hang trigger: stopping CPU 1", T);
+    let (_, e) = w.wait("hung (os)", T, |e| {
+        e["event"] == "verdict" && e["verdict"] == "hung" && e["level"] == "os"
+    });
+    assert_eq!(
+        (e["counter"].as_str(), e["owner"].as_u64()),
+        (Some("kernel"), Some(1)),
+        "{e}"
+    );
+    assert!(
+        !p.vm.console().contains("BDIMG: FAILED"),
+        "{}",
+        p.vm.console()
+    );
+    drop(p.agent);
+}
+
 /// A newc archive of regular files (name, contents): appended to an
 /// initramfs, the kernel unpacks it after the first and its files replace
 /// those of the same name.
