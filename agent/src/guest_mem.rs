@@ -40,7 +40,7 @@ pub enum MapError {
         file_len: u64,
     },
     /// mmap failed.
-    #[error("cannot map guest RAM: {0}")]
+    #[error("cannot map guest RAM")]
     Mmap(#[from] MmapRegionError),
     /// The ranges do not make one guest memory (empty, or overlapping).
     #[error("guest RAM ranges do not fit together: {0}")]

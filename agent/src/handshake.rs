@@ -120,7 +120,7 @@ pub fn hello(keys: &dyn KeyRing, msg: Msg) -> Step {
             Refused::Auth,
         ),
         Err(HandshakeError::Noise(e)) => {
-            tracing::debug!("agent: noise handshake: {e}");
+            tracing::debug!("agent: noise handshake: {}", backdoor_abi::ErrorChain(&e));
             internal()
         }
     }

@@ -162,7 +162,10 @@ impl Agent {
             .name("bd-agent".into())
             .spawn(move || {
                 if let Err(e) = gate.run() {
-                    tracing::error!("agent: the accept loop stopped: {e}");
+                    tracing::error!(
+                        "agent: the accept loop stopped: {}",
+                        backdoor_abi::ErrorChain(&e)
+                    );
                 }
             })
     }
@@ -457,7 +460,9 @@ impl Admit for Arc<Agent> {
             .spawn(move || {
                 match agent.serve_monitor(stream, peer, admitted) {
                     Ok(()) => tracing::debug!(%peer, "agent: monitor left"),
-                    Err(e) => tracing::info!(%peer, "agent: connection closed: {e}"),
+                    Err(e) => {
+                        tracing::info!(%peer, "agent: connection closed: {}", backdoor_abi::ErrorChain(&e))
+                    }
                 }
                 agent.connections.fetch_sub(1, Ordering::SeqCst);
             });

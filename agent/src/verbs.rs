@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use backdoor_abi::{HookKind, PERM_ATOMIC, PERM_READ, PERM_WRITE};
+use backdoor_abi::{ErrorChain, HookKind, PERM_ATOMIC, PERM_READ, PERM_WRITE};
 use backdoor_dev::Descriptor;
 use ibverbs_sys as ffi;
 
@@ -235,7 +235,7 @@ impl VerbsBackend {
             .map_err(|e| {
                 (
                     ErrorCode::Internal,
-                    format!("cannot register hook {}: {e}", h.id),
+                    format!("cannot register hook {}: {}", h.id, ErrorChain(&e)),
                 )
             })?;
             regions.push(Region {
@@ -272,9 +272,9 @@ impl VerbsService for VerbsBackend {
         desc: &Descriptor,
         client_endpoint: &[u8],
     ) -> Result<(Vec<u8>, crate::server::VerbsLease), Refusal> {
-        let (remote, remote_gid) =
-            parse_endpoint(client_endpoint).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
-        let internal = |e: VerbsError| (ErrorCode::Internal, e.to_string());
+        let (remote, remote_gid) = parse_endpoint(client_endpoint)
+            .map_err(|e| (ErrorCode::BadRequest, ErrorChain(&e).to_string()))?;
+        let internal = |e: VerbsError| (ErrorCode::Internal, ErrorChain(&e).to_string());
         let pd = Pd::new(&self.ctx).map_err(internal)?;
         let (regions, covered, mrs) = self.register(&pd, role, desc)?;
         let qp = Qp::new(&pd, &self.cq, 1).map_err(internal)?;

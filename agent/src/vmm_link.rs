@@ -37,10 +37,10 @@ pub struct Hello {
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// Socket trouble.
-    #[error("VMM link: {0}")]
+    #[error("VMM link")]
     Io(#[from] std::io::Error),
     /// sendmsg/recvmsg trouble.
-    #[error("VMM link: {0}")]
+    #[error("VMM link")]
     Sys(#[from] nix::Error),
     /// The VMM sent something that is not the protocol.
     #[error("VMM link: bad message: {0}")]
@@ -50,7 +50,7 @@ pub enum LinkError {
     Map(#[from] MapError),
     /// The agent listening there runs as another user: guest RAM is not
     /// handed to it.
-    #[error("VMM link: {0}")]
+    #[error("VMM link")]
     Peer(#[from] crate::peer::PeerError),
 }
 
@@ -198,7 +198,11 @@ pub fn accept(listener: &UnixListener) -> Result<Accepted, LinkError> {
             Err(e) => {
                 refused += 1;
                 if refused.is_power_of_two() {
-                    tracing::warn!(refused, "agent: refusing a VMM link: {e}");
+                    tracing::warn!(
+                        refused,
+                        "agent: refusing a VMM link: {}",
+                        backdoor_abi::ErrorChain(&e)
+                    );
                 }
             }
         }
@@ -254,7 +258,7 @@ fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
                     Err(e) => tracing::warn!("VMM link: ignoring a bad update: {e}"),
                 },
                 Err(e) => {
-                    tracing::warn!("VMM link: {e}");
+                    tracing::warn!("VMM link: {}", backdoor_abi::ErrorChain(&e));
                     break;
                 }
             }
@@ -364,7 +368,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let l = l.try_clone().unwrap();
         std::thread::spawn(move || {
-            let _ = tx.send(accept(&l).map_err(|e| e.to_string()));
+            let _ = tx.send(accept(&l).map_err(|e| backdoor_abi::ErrorChain(&e).to_string()));
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("the VMM never (re)connected")

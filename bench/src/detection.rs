@@ -55,7 +55,7 @@ fn detect_once(
         if !stop.load(Ordering::Relaxed) && start.elapsed() >= run_for {
             stop.store(true, Ordering::Relaxed);
         }
-        let obs = poll::observe(c).map_err(|e| e.to_string());
+        let obs = poll::observe(c).map_err(|e| backdoor_abi::ErrorChain(&e).to_string());
         judge.observe(Instant::now(), obs.as_ref().map_err(Clone::clone));
         if let Some(Verdict::Hung { .. }) = judge.verdict() {
             if !stop.load(Ordering::Relaxed) {
@@ -82,7 +82,8 @@ fn capacity(addr: std::net::SocketAddr, conns: usize, window: Duration) -> f64 {
     let mut polls = 0u64;
     while t.elapsed() < window {
         for (c, j) in targets.iter_mut().zip(&mut judges) {
-            let obs = poll::observe_counters(c).map_err(|e| e.to_string());
+            let obs =
+                poll::observe_counters(c).map_err(|e| backdoor_abi::ErrorChain(&e).to_string());
             j.observe(Instant::now(), obs.as_ref().map_err(Clone::clone));
             polls += 1;
         }

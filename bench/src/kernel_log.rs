@@ -89,7 +89,8 @@ impl KernelMemory for Dump<'_> {
             .filter(|(v, _)| *v <= va)
             .max_by_key(|(v, _)| *v)
             .ok_or("unmapped")?;
-        let at = usize::try_from(pa + (va - base)).map_err(|e| e.to_string())?;
+        let at = usize::try_from(pa + (va - base))
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
         self.ram
             .get(at..at + len)
             .map(<[u8]>::to_vec)

@@ -87,7 +87,7 @@ pub enum BenchError {
     #[error("unknown section {0:?} (known: report_cost, overhead, remote_reads, detection, extraction, startup)")]
     UnknownSection(String),
     /// Writing the report.
-    #[error("writing the report into {dir}: {source}")]
+    #[error("writing the report into {dir}")]
     Write {
         /// The output directory.
         dir: String,

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("bdbench: {e}");
+            eprintln!("bdbench: {}", backdoor_abi::ErrorChain(&e));
             ExitCode::FAILURE
         }
     }

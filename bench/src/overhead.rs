@@ -82,7 +82,8 @@ fn start(
                         .expect("connect monitor");
                 let mut judge = Judge::new();
                 while !s.load(Ordering::Relaxed) {
-                    let obs = poll::observe_counters(&mut c).map_err(|e| e.to_string());
+                    let obs = poll::observe_counters(&mut c)
+                        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string());
                     judge.observe(
                         std::time::Instant::now(),
                         obs.as_ref().map_err(Clone::clone),

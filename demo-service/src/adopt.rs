@@ -40,7 +40,7 @@ pub struct ExtractedSession {
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// Unreadable.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: String,
@@ -48,7 +48,7 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// Not bdctl's JSON.
-    #[error("{path} is not a bdctl extraction: {source}")]
+    #[error("{path} is not a bdctl extraction")]
     Json {
         /// The file.
         path: String,
@@ -148,7 +148,11 @@ pub fn adopt_all(
             }
             Ok(Adopted::AlreadyCurrent) => r.current += 1,
             Err(e) => {
-                tracing::warn!("{origin}: session {} not adopted: {e}", rec.session_id);
+                tracing::warn!(
+                    "{origin}: session {} not adopted: {e}",
+                    rec.session_id,
+                    e = backdoor_abi::ErrorChain(&e)
+                );
                 r.rejected += 1;
             }
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Network.
-    #[error("{addr}: {source}")]
+    #[error("{addr}")]
     Io {
         /// The server.
         addr: SocketAddr,

@@ -19,16 +19,16 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve(&a),
         Command::Client(a) => input(a.script.as_deref()).and_then(|i| {
             client::script(a.server.addr, i, stdout)
-                .map_err(|e| e.to_string())
+                .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
                 .map(|ok| u8::from(!ok))
         }),
         Command::Load(a) => client::load(a.server.addr, a.sessions, a.commands, stdout)
             .map(|()| 0)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string()),
         Command::Check(a) => input(a.expect.as_deref()).and_then(|i| {
             client::check(a.server.addr, i, stdout)
                 .map(|_| 0)
-                .map_err(|e| e.to_string())
+                .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
         }),
     };
     match result {
@@ -71,16 +71,27 @@ fn serve(a: &ServeArgs) -> Result<u8, String> {
         ),
         None => Device::open_path(&a.device),
     }
-    .map_err(|e| e.to_string())?;
-    let app = Counter::alloc(&dev, &a.service, a.app_deadline_ms, Level::Application)
-        .map_err(|e| format!("the application counter: {e}"))?;
+    .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
+    let app =
+        Counter::alloc(&dev, &a.service, a.app_deadline_ms, Level::Application).map_err(|e| {
+            format!(
+                "the application counter: {e}",
+                e = backdoor_abi::ErrorChain(&e)
+            )
+        })?;
     let (mut store, notes) = Store::open(
         dev.clone(),
         &a.service,
         a.max_sessions,
         a.session_deadline_ms,
     )
-    .map_err(|e| format!("service area {:?}: {e}", a.service))?;
+    .map_err(|e| {
+        format!(
+            "service area {:?}: {e}",
+            a.service,
+            e = backdoor_abi::ErrorChain(&e)
+        )
+    })?;
     for n in &notes {
         tracing::warn!("{n}");
     }
@@ -97,12 +108,15 @@ fn serve(a: &ServeArgs) -> Result<u8, String> {
                 "{}: {} sessions adopted, {} updated, {} already held, {} rejected, {} of other services",
                 f.display(), r.new, r.updated, r.current, r.rejected, r.foreign
             ),
-            Err(e) => tracing::error!("{e}; no sessions adopted from it"),
+            Err(e) => tracing::error!(
+                "{e}; no sessions adopted from it",
+                e = backdoor_abi::ErrorChain(&e)
+            ),
         }
     }
     let inbox = if a.inbox {
         let inbox = Inbox::map(&dev)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?
             .ok_or_else(|| format!("{} has no inbox", dev.describe()))?;
         let r = adopt::from_inbox(&mut store, &inbox);
         tracing::info!(
@@ -118,14 +132,16 @@ fn serve(a: &ServeArgs) -> Result<u8, String> {
     };
     let listener = std::net::TcpListener::bind(a.listen)
         .map_err(|e| format!("listen on {}: {e}", a.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
     let mut out = std::io::stdout();
     // Scripts and tests wait for this line (and learn the port from it).
     writeln!(out, "bdkv listening on {addr}")
         .and_then(|()| out.flush())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
     let tick = Duration::from_millis(u64::from(a.app_deadline_ms / 4).max(1));
     server::run(Arc::new(Mutex::new(store)), listener, app, inbox, tick)
         .map(|()| 0)
-        .map_err(|e| e.to_string())
+        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
 }

@@ -133,7 +133,7 @@ impl Conn<'_> {
     /// Runs one request: the reply lines, and whether to close.
     fn execute(&mut self, req: Request) -> Result<(String, bool), String> {
         let mut store = lock(self.store);
-        let e = |e: crate::store::StoreError| e.to_string();
+        let e = |e: crate::store::StoreError| backdoor_abi::ErrorChain(&e).to_string();
         Ok(match req {
             Request::Ping => ("OK pong".into(), false),
             Request::Hello | Request::Resume(_) if self.session.is_some() => {

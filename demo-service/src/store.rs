@@ -34,7 +34,7 @@ pub enum StoreError {
     #[error("no key {0}")]
     NoKey(String),
     /// The record could not be written.
-    #[error("cannot save the session: {0}")]
+    #[error("cannot save the session")]
     Save(#[from] backdoor_guest::Error),
 }
 
@@ -45,7 +45,7 @@ pub enum AdoptError {
     #[error("it belongs to service {0:?}")]
     Foreign(String),
     /// The payload is not a continuation.
-    #[error("its payload is not a bdkv continuation: {0}")]
+    #[error("its payload is not a bdkv continuation")]
     Payload(#[from] PayloadError),
     /// Header and payload disagree.
     #[error(
@@ -172,7 +172,9 @@ impl Store {
             if let Err(e) = store.resume_own(f.slot, &f.record) {
                 notes.push(format!(
                     "slot {}: session {} not resumed: {e}",
-                    f.slot, f.record.session_id
+                    f.slot,
+                    f.record.session_id,
+                    e = backdoor_abi::ErrorChain(&e)
                 ));
             }
         }
@@ -227,12 +229,18 @@ impl Store {
             Ok(c) => {
                 // No client yet: idle, never "hung".
                 if let Err(e) = c.idle() {
-                    tracing::warn!("session {id}: cannot mark its counter idle: {e}");
+                    tracing::warn!(
+                        "session {id}: cannot mark its counter idle: {e}",
+                        e = backdoor_abi::ErrorChain(&e)
+                    );
                 }
                 Some(c)
             }
             Err(e) => {
-                tracing::warn!("session {id}: no progress counter: {e}");
+                tracing::warn!(
+                    "session {id}: no progress counter: {e}",
+                    e = backdoor_abi::ErrorChain(&e)
+                );
                 None
             }
         }
@@ -327,7 +335,10 @@ impl Store {
         if let Some(c) = self.sessions.get(&id).and_then(|s| s.counter.as_ref()) {
             let r = if idle { c.idle() } else { c.active() };
             if let Err(e) = r {
-                tracing::warn!("session {id}: counter state: {e}");
+                tracing::warn!(
+                    "session {id}: counter state: {e}",
+                    e = backdoor_abi::ErrorChain(&e)
+                );
             }
         }
     }

@@ -14,7 +14,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// The device node exists but could not be opened.
-    #[error("cannot open {}: {source}", path.display())]
+    #[error("cannot open {}", path.display())]
     Open {
         /// The path tried.
         path: PathBuf,

@@ -35,7 +35,7 @@ const MAX_SERVICES: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// The file could not be created, opened or sized.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

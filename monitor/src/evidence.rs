@@ -55,7 +55,8 @@ impl Conn<'_> {
     fn client(&mut self) -> Result<&mut Client, String> {
         if self.client.is_none() {
             let c = self.target.connect(self.role, self.timeout);
-            self.client = Some(c.map_err(|e| format!("connecting: {e}"))?);
+            self.client =
+                Some(c.map_err(|e| format!("connecting: {e}", e = backdoor_abi::ErrorChain(&e)))?);
         }
         self.client
             .as_mut()
@@ -162,7 +163,7 @@ pub fn capture(
         return b;
     }
     part(&mut b, "counters", &mut conn, |c| {
-        let obs = poll::observe(c).map_err(|e| e.to_string())?;
+        let obs = poll::observe(c).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
         let d = c.descriptor().clone();
         Ok(json!({
             "descriptor": d,
@@ -172,7 +173,7 @@ pub fn capture(
     // The kernel log first: it says where the kernel's code is (KASLR).
     let mut found = None;
     part(&mut b, "kernel_log", &mut conn, |c| {
-        let k = kernel_log(c, &opts.files).map_err(|e| e.to_string())?;
+        let k = kernel_log(c, &opts.files).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
         let lines: Vec<String> = k.log.records.iter().flat_map(|r| r.lines()).collect();
         let tail = lines[lines.len().saturating_sub(opts.lines)..].to_vec();
         let v = json!({
@@ -216,7 +217,9 @@ pub fn capture(
     let module_syms =
         module.map(|(base, size)| (opts.module.as_ref().unwrap_or(&no_symbols), base, size));
     part(&mut b, "vcpus", &mut conn, |c| {
-        let mut v = c.vcpus().map_err(|e| e.to_string())?;
+        let mut v = c
+            .vcpus()
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
         for cpu in v["vcpus"].as_array_mut().into_iter().flatten() {
             if let Some(rip) = cpu["rip"].as_u64() {
                 cpu["function"] = json!(name_code(rip, kernel_syms, module_syms));
@@ -225,8 +228,9 @@ pub fn capture(
         Ok(v)
     });
     part(&mut b, "sessions", &mut conn, |c| {
-        let x = extract::extract(c, None, &mut |_, _| {}).map_err(|e| e.to_string())?;
-        serde_json::to_value(x).map_err(|e| e.to_string())
+        let x = extract::extract(c, None, &mut |_, _| {})
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
+        serde_json::to_value(x).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
     });
     b["timings_ms"]["total"] = json!(started.elapsed().as_secs_f64() * 1e3);
     b
@@ -243,7 +247,8 @@ pub fn write_bundle(dir: &Path, target: &str, bundle: &Value) -> Result<PathBuf,
 /// Writes `bundle` to `file` (atomically: a partial bundle is never seen).
 pub fn write_file(file: &Path, bundle: &Value) -> Result<(), String> {
     let tmp = file.with_extension("tmp");
-    let text = serde_json::to_string_pretty(bundle).map_err(|e| e.to_string())?;
+    let text = serde_json::to_string_pretty(bundle)
+        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
     std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, file).map_err(|e| format!("{}: {e}", file.display()))
 }

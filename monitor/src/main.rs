@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("bdctl: error: {e}");
+            eprintln!("bdctl: error: {}", backdoor_abi::ErrorChain(&e));
             ExitCode::from(
                 if matches!(e, Error::Usage(_) | Error::Config(_) | Error::Target(_)) {
                     2

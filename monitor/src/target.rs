@@ -168,8 +168,12 @@ impl Target {
         }
         #[cfg(feature = "verbs")]
         {
-            c.attach_verbs(self.rdma_device.as_deref())
-                .map_err(|e| format!("cannot connect an RDMA queue pair: {e}"))
+            c.attach_verbs(self.rdma_device.as_deref()).map_err(|e| {
+                format!(
+                    "cannot connect an RDMA queue pair: {e}",
+                    e = backdoor_abi::ErrorChain(&e)
+                )
+            })
         }
         #[cfg(not(feature = "verbs"))]
         {

@@ -183,7 +183,7 @@ fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String
         let (c, why_soft) = w
             .target
             .connect_explained(Role::Read, timeout)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
         // Said when it changes, not on every reconnect.
         if w.transport != Some(c.data_path()) {
             let why = why_soft
@@ -215,7 +215,7 @@ fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String
     };
     result.map_err(|e| {
         w.client = None;
-        e.to_string()
+        backdoor_abi::ErrorChain(&e).to_string()
     })
 }
 
@@ -348,7 +348,7 @@ fn run_actions(
                         json!({"event": "action", "target": target.name, "status": s.code(), "ts_unix_ms": now_ms()})
                     }
                     Err(e) => {
-                        json!({"event": "action_failed", "target": target.name, "error": e.to_string(), "ts_unix_ms": now_ms()})
+                        json!({"event": "action_failed", "target": target.name, "error": backdoor_abi::ErrorChain(&e).to_string(), "ts_unix_ms": now_ms()})
                     }
                 };
                 let _ = done.send(v);
@@ -381,8 +381,8 @@ fn capture_evidence(
     dir: &std::path::Path,
     opts: &WatchOptions,
 ) -> Result<PathBuf, String> {
-    let mut eo =
-        crate::kernel_commands::evidence_options(&opts.kernel, 200).map_err(|e| e.to_string())?;
+    let mut eo = crate::kernel_commands::evidence_options(&opts.kernel, 200)
+        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
     let bundle = crate::evidence::capture(target, Some(event), &mut eo, opts.timeout);
     crate::evidence::write_bundle(dir, &target.name, &bundle)
 }
@@ -412,14 +412,14 @@ fn extract_to_dir(
             None => match target.connect(Role::Read, timeout.max(Duration::from_secs(2))) {
                 Ok(c) => c,
                 Err(e) => {
-                    last = e.to_string();
+                    last = backdoor_abi::ErrorChain(&e).to_string();
                     continue;
                 }
             },
         };
         match extract::extract(&mut c, None, &mut |_, _| {}) {
             Ok(x) => return write_extraction(dir, &target.name, &x).map(|f| (f, x, attempt)),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = backdoor_abi::ErrorChain(&e).to_string(),
         }
     }
     Err(format!(
@@ -434,7 +434,8 @@ fn write_extraction(
 ) -> Result<PathBuf, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let file = dir.join(format!("{name}-g{}-{}.json", x.generation, now_ms()));
-    let text = serde_json::to_string_pretty(x).map_err(|e| e.to_string())?;
+    let text =
+        serde_json::to_string_pretty(x).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
     std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
     Ok(file)
 }

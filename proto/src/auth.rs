@@ -16,7 +16,7 @@ pub const MIN_KEY_BYTES: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The file cannot be read.
-    #[error("cannot read key file {path}: {source}")]
+    #[error("cannot read key file {path}")]
     Read {
         path: String,
         source: std::io::Error,
@@ -153,7 +153,10 @@ impl KeyFile {
                     tracing::info!(path = %self.path.display(), "agent: key file changed; new connections use its keys");
                     s.1 = std::sync::Arc::new(k);
                 }
-                Err(e) => tracing::warn!("agent: keeping the keys in force: {e}"),
+                Err(e) => tracing::warn!(
+                    "agent: keeping the keys in force: {}",
+                    backdoor_abi::ErrorChain(&e)
+                ),
             }
         }
         s.1.clone()

@@ -51,7 +51,7 @@ pub enum HandshakeError {
     #[error("the peer does not hold the role's key (or the handshake was altered)")]
     NotAuthentic,
     /// Noise itself failed (no randomness, a malformed message).
-    #[error("noise handshake: {0}")]
+    #[error("noise handshake")]
     Noise(#[from] snow::Error),
 }
 

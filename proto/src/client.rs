@@ -41,8 +41,8 @@ pub enum ClientError {
     /// The verbs data path failed or refused (boxed: a verbs error can
     /// carry a client error of its own).
     #[cfg(feature = "verbs")]
-    #[error("RDMA verbs: {0}")]
-    Verbs(Box<crate::verbs::VerbsError>),
+    #[error("RDMA verbs")]
+    Verbs(#[source] Box<crate::verbs::VerbsError>),
 }
 
 #[cfg(feature = "verbs")]

@@ -71,7 +71,7 @@ pub enum VerbsError {
         state: u32,
     },
     /// A verb failed.
-    #[error("{call} failed: {source}")]
+    #[error("{call} failed")]
     Verb {
         /// The libibverbs call.
         call: &'static str,

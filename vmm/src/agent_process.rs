@@ -18,7 +18,7 @@ pub enum AgentProcessError {
     #[error(transparent)]
     Keys(#[from] backdoor_agent::auth::KeyError),
     /// A socket could not be set up.
-    #[error("cannot listen on {what}: {source}")]
+    #[error("cannot listen on {what}")]
     Listen {
         /// The address or path.
         what: String,
@@ -92,7 +92,8 @@ pub fn with_verbs(
                 return agent.with_verbs(v);
             }
             Err(e) => eprintln!(
-                "bdvmm: RDMA verbs backend unavailable ({e}); serving the soft backend only"
+                "bdvmm: RDMA verbs backend unavailable ({}); serving the soft backend only",
+                backdoor_abi::ErrorChain(&e)
             ),
         }
     }

@@ -323,7 +323,7 @@ pub enum ApiError {
     #[error("control socket {0} is in use by another process")]
     InUse(PathBuf),
     /// bind/listen failed.
-    #[error("cannot listen on control socket {path}: {source}")]
+    #[error("cannot listen on control socket {path}")]
     Bind { path: PathBuf, source: io::Error },
 }
 

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         // The refusal is the reply already printed.
         Err(e @ MainError::Refused) => e.exit().into(),
         Err(e) => {
-            eprintln!("bdvmm: error: {e}");
+            eprintln!("bdvmm: error: {}", backdoor_abi::ErrorChain(&e));
             e.exit().into()
         }
     }

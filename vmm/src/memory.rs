@@ -18,7 +18,7 @@ pub const MIN_MEM_BYTES: u64 = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The sealed guest-RAM memfd could not be created or sized.
-    #[error("cannot create a sealed guest RAM memfd of {size} bytes: {source}")]
+    #[error("cannot create a sealed guest RAM memfd of {size} bytes")]
     Memfd { size: u64, source: io::Error },
     /// Not enough free huge pages for the requested size.
     #[error(
@@ -27,7 +27,7 @@ pub enum MemoryError {
     )]
     NotEnoughHugePages { needed: u64, free: u64 },
     /// mmap of the memfd failed.
-    #[error("cannot map {size} bytes of guest RAM{hint}: {source}")]
+    #[error("cannot map {size} bytes of guest RAM{hint}")]
     Map {
         size: u64,
         hint: &'static str,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use std::net::TcpListener;
 
+use backdoor_abi::ErrorChain;
 use backdoor_agent::auth::{KeyFile, Keys};
 use backdoor_agent::vmm_link;
 use backdoor_agent::{Agent, DescriptorSource, GuestMemory, RamRange};
@@ -50,7 +51,7 @@ pub enum VmmError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     /// A VM-level KVM ioctl.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     VmIoctl {
         what: &'static str,
         source: kvm_ioctls::Error,
@@ -77,13 +78,13 @@ pub enum VmmError {
     #[error(transparent)]
     Api(#[from] ApiError),
     /// The console log file.
-    #[error("cannot create console log {path}: {source}")]
+    #[error("cannot create console log {path}")]
     ConsoleLog {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
     /// An eventfd or thread could not be created.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Os {
         what: &'static str,
         source: std::io::Error,
@@ -215,7 +216,8 @@ impl Vmm {
     /// Serves the backdoor from this process's threads, or hands guest RAM
     /// to a separate agent, as configured.
     fn start_agent(&mut self) -> Result<(), VmmError> {
-        let agent_err = |e: &dyn std::fmt::Display| VmmError::Agent(e.to_string());
+        let agent_err =
+            |e: &(dyn std::error::Error + 'static)| VmmError::Agent(ErrorChain(e).to_string());
         if let Some((addr, keys)) = &self.config.backdoor_listen {
             let key_file = KeyFile::load(keys).map_err(|e| agent_err(&e))?;
             let memfd = self
@@ -260,8 +262,9 @@ impl Vmm {
             )
             .map_err(|e| {
                 VmmError::Agent(format!(
-                    "cannot hand guest RAM to the agent at {}: {e}",
-                    path.display()
+                    "cannot hand guest RAM to the agent at {}: {}",
+                    path.display(),
+                    ErrorChain(&e)
                 ))
             })?;
         }
@@ -474,7 +477,7 @@ impl Machine {
         if let Err(e) = &result {
             self.lifecycle.request_exit(VmExit::KvmError {
                 vcpu: 0,
-                detail: e.to_string(),
+                detail: ErrorChain(e).to_string(),
             });
         }
         let vcpus_left = !self.lifecycle.wait_vcpus_exited(VCPU_STOP_TIMEOUT);

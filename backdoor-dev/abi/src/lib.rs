@@ -509,3 +509,45 @@ mod tests {
         assert_eq!(HookError::TooMany.name(), "E_TOO_MANY");
     }
 }
+
+/// Displays an error with every source under it, "outer: inner: innermost".
+///
+/// Error types here follow the Rust API guidelines: a message says what
+/// failed and leaves the cause to `source()`, so whoever shows an error to
+/// a person (a command's last words, a log line, a JSON reason) shows the
+/// chain with this. Every crate of the project links this one.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod error_chain_tests {
+    use super::ErrorChain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read key file k")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_shows_each_cause_once() {
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "No such file or directory",
+        ));
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot read key file k: No such file or directory"
+        );
+    }
+}

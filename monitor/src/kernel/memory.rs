@@ -89,8 +89,9 @@ impl<'a> DriverView<'a> {
 
     /// The kernel's vmcoreinfo, from its hook.
     pub fn vmcoreinfo(&mut self) -> Result<Vmcoreinfo, String> {
-        let b = read_hook(self.client, self.vmcoreinfo, 0, 4096).map_err(|e| e.to_string())?;
-        Vmcoreinfo::from_note(&b).map_err(|e| e.to_string())
+        let b = read_hook(self.client, self.vmcoreinfo, 0, 4096)
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
+        Vmcoreinfo::from_note(&b).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
     }
 }
 
@@ -99,7 +100,7 @@ impl KernelMemory for DriverView<'_> {
         let (hook, off) = covering(&self.regions, va, len as u64).ok_or_else(|| {
             format!("{len} bytes at {va:#x} lie in no region the guest's driver published")
         })?;
-        read_hook(self.client, hook, off, len).map_err(|e| e.to_string())
+        read_hook(self.client, hook, off, len).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
     }
 }
 
@@ -246,7 +247,7 @@ impl<'a> ForensicView<'a> {
     pub fn read_phys(&mut self, pa: u64, len: usize) -> Result<Vec<u8>, String> {
         let (hook, off) = covering(&self.ram, pa, len as u64)
             .ok_or_else(|| format!("{len} bytes at physical {pa:#x} are not guest RAM"))?;
-        read_hook(self.client, hook, off, len).map_err(|e| e.to_string())
+        read_hook(self.client, hook, off, len).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
     }
 
     fn phys_word(&mut self, pa: u64) -> Result<u64, String> {
@@ -337,12 +338,15 @@ impl<'a> ForensicView<'a> {
             let end = start + len;
             let mut at = start;
             while at < end {
-                let n = usize::try_from((end - at).min(CHUNK)).map_err(|e| e.to_string())?;
+                let n = usize::try_from((end - at).min(CHUNK))
+                    .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
                 // A little past the chunk, so that nothing straddling its end
                 // is missed; matches are taken only where they start inside.
                 let with = (end - at).min(CHUNK + SCAN_OVERLAP);
-                let chunk =
-                    self.read_phys(at, usize::try_from(with).map_err(|e| e.to_string())?)?;
+                let chunk = self.read_phys(
+                    at,
+                    usize::try_from(with).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?,
+                )?;
                 let pa = |i: usize| at + i as u64;
                 found.bytes += n as u64;
                 for (i, page) in chunk[..n].chunks(4096).enumerate() {
@@ -477,7 +481,10 @@ impl KernelMemory for ForensicView<'_> {
                 (end - at).min(4096 - (at & 4095))
             };
             let pa = self.translate(at)?;
-            out.extend(self.read_phys(pa, usize::try_from(step).map_err(|e| e.to_string())?)?);
+            out.extend(self.read_phys(
+                pa,
+                usize::try_from(step).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?,
+            )?);
             at += step;
         }
         Ok(out)

@@ -118,7 +118,10 @@ pub fn kernel_symbols(c: &mut Client, log: &KernelLog) -> Result<(Symbols, Strin
         else {
             continue;
         };
-        let w = view.read_phys(start, usize::try_from(len).map_err(|e| e.to_string())?)?;
+        let w = view.read_phys(
+            start,
+            usize::try_from(len).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?,
+        )?;
         let list = match kallsyms::decode(&w, usize::try_from(pa - start).unwrap_or(0)) {
             Ok(l) => l,
             Err(e) => {
@@ -466,9 +469,10 @@ fn layout_from_ram_btf(view: &mut ForensicView, at: &[u64]) -> Result<PrintkLayo
             continue;
         };
         match btf::Btf::parse(&b)
-            .map_err(|e| e.to_string())
-            .and_then(|b| PrintkLayout::from_btf(&b).map_err(|e| e.to_string()))
-        {
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
+            .and_then(|b| {
+                PrintkLayout::from_btf(&b).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
+            }) {
             Ok(l) => return Ok(l),
             Err(e) => why = format!("the BTF at physical {pa:#x}: {e}"),
         }

@@ -13,7 +13,7 @@ use crate::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
     /// A KVM vCPU ioctl failed.
-    #[error("cannot set vCPU {vcpu} {what}: {source}")]
+    #[error("cannot set vCPU {vcpu} {what}")]
     Ioctl {
         vcpu: u8,
         what: &'static str,
@@ -30,7 +30,7 @@ pub enum CpuError {
         refused: u32,
     },
     /// Writing boot tables into guest memory failed.
-    #[error("cannot write {what} into guest memory: {source}")]
+    #[error("cannot write {what} into guest memory")]
     GuestWrite {
         what: &'static str,
         source: vm_memory::GuestMemoryError,

@@ -37,7 +37,7 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxBootError {
     /// The kernel file cannot be opened or read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelFile {
         path: PathBuf,
         source: std::io::Error,
@@ -46,13 +46,13 @@ pub enum LinuxBootError {
     #[error("{0} is not a Linux kernel: it is neither a bzImage (no \"HdrS\" boot header) nor an ELF vmlinux")]
     NotAKernel(PathBuf),
     /// The loader rejected the image.
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     Load {
         path: PathBuf,
         source: linux_loader::loader::Error,
     },
     /// The initrd cannot be read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     InitrdFile {
         path: PathBuf,
         source: std::io::Error,
@@ -76,7 +76,7 @@ pub enum LinuxBootError {
     #[error("cannot write the zero page into guest memory: {0}")]
     ZeroPage(String),
     /// Writing boot structures into guest memory failed.
-    #[error("cannot write {what} into guest memory: {source}")]
+    #[error("cannot write {what} into guest memory")]
     GuestWrite {
         what: &'static str,
         source: vm_memory::GuestMemoryError,

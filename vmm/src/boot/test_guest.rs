@@ -16,13 +16,13 @@ use crate::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum TestGuestError {
     /// The file cannot be read.
-    #[error("cannot read test guest {path}: {source}")]
+    #[error("cannot read test guest {path}")]
     File {
         path: PathBuf,
         source: std::io::Error,
     },
     /// The loader rejected the file.
-    #[error("{path} is not a loadable x86-64 test guest ELF: {source}")]
+    #[error("{path} is not a loadable x86-64 test guest ELF")]
     Load {
         path: PathBuf,
         source: linux_loader::loader::Error,
