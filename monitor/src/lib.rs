@@ -8,7 +8,6 @@ pub mod evidence;
 pub mod extract;
 pub mod judge;
 pub mod kernel;
-pub mod kernel_commands;
 pub mod metrics;
 pub mod poll;
 pub mod target;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use bdctl::cli::{Cli, Command};
 use bdctl::watch::{self, WatchEnd};
-use bdctl::{commands, kernel_commands, Error};
+use bdctl::{commands, Error};
 use clap::Parser;
 
 fn main() -> ExitCode {
@@ -15,18 +15,19 @@ fn main() -> ExitCode {
             .resolve()
             .map_err(Error::from)
             .and_then(|(targets, opts)| {
-                watch::watch(targets, &opts).map_err(|e| Error::Other(e.to_string()))
+                watch::watch(targets, &opts)
+                    .map_err(|e| Error::Other(backdoor_abi::ErrorChain(&e).to_string()))
             })
             .map(|end| u8::from(end == WatchEnd::Hang) * 3),
-        Command::Extract(a) => commands::extract(&a).map(|_| 0),
-        Command::Resume(a) => commands::resume(&a).map(|_| 0),
-        Command::Status(a) => commands::status(&a).map(|()| 0),
-        Command::Read(a) => commands::read(&a).map(|()| 0),
-        Command::Write(a) => commands::write(&a).map(|()| 0),
-        Command::Cas(a) => commands::cas(&a).map(|()| 0),
-        Command::Doctor(a) => commands::doctor(&a).map(|()| 0),
-        Command::Dmesg(a) => kernel_commands::dmesg(&a).map(|()| 0),
-        Command::Evidence(a) => kernel_commands::evidence(&a).map(|()| 0),
+        Command::Extract(a) => commands::extract::run(&a).map(|_| 0),
+        Command::Resume(a) => commands::resume::run(&a).map(|_| 0),
+        Command::Status(a) => commands::status::run(&a).map(|()| 0),
+        Command::Read(a) => commands::read::run(&a).map(|()| 0),
+        Command::Write(a) => commands::write::run(&a).map(|()| 0),
+        Command::Cas(a) => commands::cas::run(&a).map(|()| 0),
+        Command::Doctor(a) => commands::doctor::run(&a).map(|()| 0),
+        Command::Dmesg(a) => commands::dmesg::run(&a).map(|()| 0),
+        Command::Evidence(a) => commands::evidence::run(&a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

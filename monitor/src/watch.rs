@@ -381,7 +381,7 @@ fn capture_evidence(
     dir: &std::path::Path,
     opts: &WatchOptions,
 ) -> Result<PathBuf, String> {
-    let mut eo = crate::kernel_commands::evidence_options(&opts.kernel, 200)
+    let mut eo = crate::commands::kernel_files::evidence_options(&opts.kernel, 200)
         .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
     let bundle = crate::evidence::capture(target, Some(event), &mut eo, opts.timeout);
     crate::evidence::write_bundle(dir, &target.name, &bundle)

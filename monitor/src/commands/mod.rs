@@ -1,0 +1,41 @@
+//! bdctl's one-shot commands, one file each; `watch` is `crate::watch`.
+
+use backdoor_proto::{Client, Role};
+
+use crate::cli::OneTarget;
+use crate::Error;
+
+pub mod cas;
+pub mod dmesg;
+pub mod doctor;
+pub mod evidence;
+pub mod extract;
+pub mod kernel_files;
+pub mod read;
+pub mod resume;
+pub mod status;
+pub mod write;
+
+pub(crate) fn hook_id(c: &Client, hook: &str) -> Result<u32, Error> {
+    c.descriptor()
+        .hooks
+        .iter()
+        .find(|h| h.name == hook || h.id.to_string() == hook)
+        .map(|h| h.id)
+        .ok_or_else(|| {
+            let names: Vec<_> = c
+                .descriptor()
+                .hooks
+                .iter()
+                .map(|h| format!("{} ({})", h.name, h.id))
+                .collect();
+            Error::Usage(format!(
+                "no hook {hook:?}; this guest has: {}",
+                names.join(", ")
+            ))
+        })
+}
+
+pub(crate) fn connect(t: &OneTarget, role: Role) -> Result<Client, Error> {
+    Ok(t.target()?.connect(role, t.timeout())?)
+}
