@@ -73,7 +73,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts `bdvmm run ARGS --api-sock <tmp>/api.sock`.
+    /// Starts `bdvmm run ARGS --api-sock <tmp>/api.sock --events
+    /// <tmp>/events.jsonl`.
     pub fn start(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let api_sock = dir.path().join("api.sock");
@@ -82,6 +83,8 @@ impl Vm {
             .args(args)
             .arg("--api-sock")
             .arg(&api_sock)
+            .arg("--events")
+            .arg(dir.path().join("events.jsonl"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -140,6 +143,35 @@ impl Vm {
     /// Console output so far.
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// bdvmm's events so far (its `--events` stream), oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("events.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits for an event matching `pred`; panics with every event on timeout.
+    pub fn wait_event(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.events();
+            if let Some(e) = events.iter().find(|e| pred(e)) {
+                return e.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such event within {timeout:?}; events: {events:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// bdvmm's own messages so far.

@@ -53,6 +53,24 @@ fn a_sealed_table_refuses_every_change_and_counts_each_attempt() {
         ],
         "shrink, remap and permission changes after the seal left no trace"
     );
+    // The event stream tells the same story: each hook registered, one
+    // seal, and the refused commands counted (sampled, not one line each).
+    let tamper = vm.wait_event(T, |e| e["event"] == "tamper" && e["tamper_count"] == 6);
+    let events = vm.events();
+    let registered: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "hook_registered")
+        .map(|e| (e["name"].as_str().unwrap(), e["generation"].clone()))
+        .collect();
+    assert_eq!(
+        registered,
+        ["progress", "state", "repair"].map(|n| (n, bd["generation"].clone())),
+        "{events:#?}"
+    );
+    let sealed: Vec<_> = events.iter().filter(|e| e["event"] == "sealed").collect();
+    assert_eq!(sealed.len(), 1, "{events:#?}");
+    assert_eq!(sealed[0]["hooks"], 3);
+    assert_eq!(tamper["generation"], bd["generation"]);
     let printed: u64 = vm
         .console()
         .lines()
@@ -123,18 +141,76 @@ fn a_guest_reset_gives_a_new_generation_and_an_empty_unsealed_table() {
         .find(|l| l.starts_with("bd-reset: boot 2 generation "))
         .unwrap_or_else(|| panic!("no boot 2 line:\n{console}"));
     assert!(boot2.ends_with(&format!("(was {g1})")), "{boot2}");
-    assert!(
-        vm.stderr()
-            .contains("rebooting, boot 2, backdoor generation"),
-        "{}",
-        vm.stderr()
+    let g2: u64 = boot2
+        .strip_prefix("bd-reset: boot 2 generation ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("bad boot 2 line {boot2:?}"));
+    // bdvmm's events: boot 1, its reset and the reboot it chose, boot 2 at
+    // the new generation, and a clean stop with the exits it counted.
+    let events = vm.events();
+    let story: Vec<_> = events
+        .iter()
+        .filter(|e| ["boot", "reset", "stop"].contains(&e["event"].as_str().unwrap_or("")))
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_owned(),
+                e["generation"].as_u64().or(e["boot"].as_u64()),
+                e["action"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(story.len(), 4, "{events:#?}");
+    assert_eq!(story[0].0, "boot");
+    assert_eq!(story[1], ("reset".into(), None, Some("reboot".into())));
+    assert_eq!(story[2], ("boot".into(), Some(g2), None));
+    assert_eq!(story[3].0, "stop");
+    let boots: Vec<_> = events.iter().filter(|e| e["event"] == "boot").collect();
+    assert_eq!(
+        (boots[0]["boot"].as_u64(), boots[0]["generation"].as_u64()),
+        (Some(1), Some(g1))
     );
+    assert_eq!(boots[1]["boot"], 2);
+    let stop = events.last().unwrap();
+    assert_eq!(
+        (
+            stop["event"].as_str(),
+            stop["reason"].as_str(),
+            stop["exit_status"].as_u64()
+        ),
+        (Some("stop"), Some("power_off"), Some(0)),
+        "{stop}"
+    );
+    assert!(stop["exits"]["io_out"].as_u64() > Some(0), "{stop}");
 }
 
 #[test]
 fn without_reboot_a_reset_still_ends_the_vm() {
     let mut vm = Vm::test_guest("bd_reset", 3, &[]);
     assert_eq!(vm.wait_exit(T), Some(exit::RESET));
+    let events = vm.events();
+    let told: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "reset" || e["event"] == "stop")
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap(),
+                e["reason"].as_str().unwrap(),
+                e["action"]
+                    .as_str()
+                    .or(e["exit_status"].as_u64().map(|_| "-")),
+            )
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("reset", "reset", Some("stop")),
+            ("stop", "reset", Some("-"))
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(events.last().unwrap()["exit_status"], exit::RESET);
 }
 
 #[test]

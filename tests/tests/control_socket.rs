@@ -37,6 +37,13 @@ fn pause_stops_guest_progress_and_resume_restarts_it() {
         vm.exits("interrupted") >= 2,
         "pausing kicks every vCPU out of KVM_RUN"
     );
+    let told: Vec<_> = vm
+        .events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .filter(|e| e == "paused" || e == "resumed")
+        .collect();
+    assert_eq!(told, ["paused", "resumed"]);
 }
 
 #[test]

@@ -204,6 +204,8 @@ pub struct ReplyLine<'a> {
 pub struct VmControl {
     /// Shared run state.
     pub lifecycle: Arc<Lifecycle>,
+    /// Where pause and resume are told.
+    pub events: Arc<crate::events::EventStream>,
     /// One set of counters per vCPU, by index.
     pub counters: Vec<Arc<ExitCounters>>,
     /// Where each vCPU was at its last exit, by index.
@@ -225,6 +227,15 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// Every vCPU's exits added up, by kind.
+    pub fn exit_totals(&self) -> ExitCounts {
+        let mut sum = ExitCounts::default();
+        for c in &self.counters {
+            sum.add(&c.snapshot());
+        }
+        sum
+    }
+
     fn exits(&self) -> Vec<VcpuExits> {
         self.counters
             .iter()
@@ -301,11 +312,17 @@ impl VmControl {
             Request::Backdoor => Reply::Backdoor(self.backdoor.snapshot()),
             Request::Vcpus => Reply::Vcpus(self.vcpus_report(true)),
             Request::Pause => match self.lifecycle.pause(PAUSE_TIMEOUT) {
-                Ok(()) => Reply::State { state: "paused" },
+                Ok(()) => {
+                    self.events.emit(&crate::events::Event::Paused);
+                    Reply::State { state: "paused" }
+                }
                 Err(e) => Reply::error(e),
             },
             Request::Resume => match self.lifecycle.resume() {
-                Ok(()) => Reply::State { state: "running" },
+                Ok(()) => {
+                    self.events.emit(&crate::events::Event::Resumed);
+                    Reply::State { state: "running" }
+                }
                 Err(e) => Reply::error(e),
             },
             Request::Stop => {

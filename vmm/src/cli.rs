@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a guest and run it until it stops.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one request to a running bdvmm's control socket and print the reply.
     Ctl(CtlArgs),
     /// Run the backdoor agent as a process of its own: it receives a
@@ -140,6 +140,10 @@ pub struct RunArgs {
     /// Serve the JSON control protocol on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Append the VM's events to this file, one JSON object per line
+    /// (boots, hooks, seal, tamper, pause/resume, resets, stop: docs/events.md).
+    #[arg(long, value_name = "PATH")]
+    pub events: Option<PathBuf>,
     /// What a guest reset (or triple fault) does: exit (status 11 or 12),
     /// or reboot in place with a new backdoor generation.
     #[arg(long, value_enum, default_value = "exit")]
@@ -196,6 +200,7 @@ impl TryFrom<RunArgs> for VmConfig {
             vcpus,
             console_log: a.console_log,
             api_sock: a.api_sock,
+            events: a.events,
             on_reset: a.on_reset,
             name: a.name,
             backdoor_listen: a.backdoor_listen.zip(a.backdoor_keys),

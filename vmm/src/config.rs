@@ -74,6 +74,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Control socket path.
     pub api_sock: Option<PathBuf>,
+    /// Event stream file.
+    pub events: Option<PathBuf>,
     /// What a guest reset does.
     pub on_reset: crate::vmm::OnReset,
     /// The VM's name.

@@ -27,6 +27,9 @@ macro_rules! exit_counters {
         impl ExitCounts {
             /// Sum of all reasons.
             pub fn total(&self) -> u64 { 0 $(+ self.$name)* }
+
+            /// Adds `other`'s counts to these.
+            pub fn add(&mut self, other: &Self) { $(self.$name += other.$name;)* }
         }
     };
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod event_loop;
+pub mod events;
 pub mod exit_code;
 pub mod exit_counters;
 pub mod kvm;

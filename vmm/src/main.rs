@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> Result<BdvmmExit, MainError> {
     match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(&args),
         Command::Agent(args) => {
             // Runs until the process is killed.

@@ -31,7 +31,8 @@ use crate::config::{GuestConfig, VmConfig};
 use crate::devices::serial::ConsoleInput;
 use crate::devices::{backdoor, boot_timer, debug_exit, i8042, serial, watchdog};
 use crate::event_loop::{self, EventLoopError};
-use crate::exit_counters::ExitCounters;
+use crate::events::{BackdoorWatcher, Event, EventStream};
+use crate::exit_counters::{ExitCounters, ExitCounts};
 use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::lifecycle::{Lifecycle, VmExit};
@@ -92,6 +93,12 @@ pub enum VmmError {
     /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The event stream file.
+    #[error("cannot open the event stream {path}")]
+    Events {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The backdoor agent could not start.
     #[error("backdoor agent: {0}")]
     Agent(String),
@@ -128,6 +135,8 @@ pub struct Vmm {
     agent_addr: Option<String>,
     /// The running machine's vCPUs, for the agents' VCPUS (read-only).
     vcpus: Arc<VcpuReporter>,
+    /// `--events`.
+    events: Arc<EventStream>,
 }
 
 /// Where the current machine's vCPUs are, for the backdoor agents: each
@@ -185,6 +194,13 @@ impl Vmm {
         let vmm_start_ns = boot_timer::monotonic_ns();
         let kvm = kvm::open()?;
         let ram = GuestRam::new(config.mem_bytes, config.hugepages)?;
+        let events = match &config.events {
+            Some(path) => EventStream::open(path).map_err(|source| VmmError::Events {
+                path: path.clone(),
+                source,
+            })?,
+            None => EventStream::default(),
+        };
         let mut vmm = Self {
             config,
             kvm,
@@ -196,6 +212,7 @@ impl Vmm {
                 current: std::sync::Mutex::new(None),
                 fresh: true,
             }),
+            events: Arc::new(events),
         };
         vmm.start_agent()?;
         Ok(vmm)
@@ -284,27 +301,58 @@ impl Vmm {
     /// Boots the guest and runs it until it stops (rebooting it on reset
     /// if asked to), and returns why it stopped.
     pub fn run(self) -> Result<VmExit, VmmError> {
+        let _watcher = BackdoorWatcher::start(self.events.clone(), self.backdoor.clone())
+            .map_err(os("start the event stream's backdoor watcher"))?;
         let mut boots = 1;
         loop {
             let machine = Machine::build(&self, boots)?;
-            self.vcpus.set(Some(machine.control.clone()));
+            let control = machine.control.clone();
+            self.events.emit(&Event::Boot {
+                boot: boots,
+                generation: self.backdoor.snapshot().generation,
+                vcpus: self.config.vcpus,
+                guest: control.guest.clone(),
+            });
+            self.vcpus.set(Some(control.clone()));
             let outcome = machine.run(self.config.api_sock.as_deref());
             self.vcpus.set(None);
             let Stopped { why, vcpus_left } = outcome?;
+            let exits = control.exit_totals();
             let reset = matches!(why, VmExit::Reset | VmExit::TripleFault { .. });
+            if reset {
+                let reboot = self.config.on_reset == OnReset::Reboot && !vcpus_left;
+                self.events.emit(&Event::Reset {
+                    why: why.clone(),
+                    action: if reboot { "reboot" } else { "stop" },
+                    vcpus_stuck: vcpus_left,
+                    exits,
+                });
+            }
             if !(reset && self.config.on_reset == OnReset::Reboot) {
+                self.stopped(&why, exits);
                 return Ok(why);
             }
             if vcpus_left {
                 // A new boot would start vCPUs on RAM the old ones may still
                 // write: the guest's reset ends the run instead.
                 eprintln!("bdvmm: guest reset ({}), but its vCPU threads did not stop within {} s: not rebooting", exit_name(&why), VCPU_STOP_TIMEOUT.as_secs());
+                self.stopped(&why, exits);
                 return Ok(why);
             }
             let generation = self.backdoor.reset();
             boots += 1;
             eprintln!("bdvmm: guest reset ({}); rebooting, boot {boots}, backdoor generation {generation}", exit_name(&why));
         }
+    }
+}
+
+impl Vmm {
+    fn stopped(&self, why: &VmExit, exits: ExitCounts) {
+        self.events.emit(&Event::Stop {
+            why: why.clone(),
+            exit_status: crate::exit_code::BdvmmExit::from(why) as u8,
+            exits,
+        });
     }
 }
 
@@ -421,6 +469,7 @@ impl Machine {
 
         let control = Arc::new(VmControl {
             lifecycle: lifecycle.clone(),
+            events: vmm.events.clone(),
             counters,
             locations,
             io: Arc::new(io),
