@@ -18,7 +18,9 @@
  *            writing session 1's next record (left with an odd seq; session
  *            1 stops), 6 triple-fault, 7 try to change the sealed backdoor
  *            (register, unregister, update, seal: each refused and counted),
- *            8 try 100,000 times (seal)
+ *            8 try 100,000 times (seal), 9 a wild write over the progress
+ *            box's header (the service runs on), 10 reset into a mute boot
+ *            that registers nothing (a marker outside the image says so)
  *   u64 @8   inbox doorbell: records delivered so far
  *   @64      inbox: up to 15 records of 256 bytes in the docs/abi.md format
  * Runs in ring 0, where cli and hlt are allowed.
@@ -32,6 +34,9 @@
 #define PAYLOAD_LEN	32
 /* Loop iterations between two session steps (~tens of ms when emulated). */
 #define STEP		1500
+/* Survives a reset (outside the image, which the VMM reloads): command 10. */
+#define MUTE_ADDR	0x00f00000UL
+#define MUTE_MAGIC	0x4244535643204d55ULL	/* "UM CVSDB" */
 
 struct session {
 	bd_u64 id;
@@ -296,6 +301,12 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 	(void)ram;
 	if (cpu != 0)
 		spin_forever();
+	if (*(volatile bd_u64 *)MUTE_ADDR == MUTE_MAGIC) {
+		/* A guest that rebooted and hung before its driver loaded. */
+		*(volatile bd_u64 *)MUTE_ADDR = 0;
+		puts("svc: mute boot: registering nothing\n");
+		spin_forever();
+	}
 
 	ok = bd_pbox_init(pbox, sizeof(pbox)) > 0 &&
 	     bd_sbox_init(sbox, sizeof(sbox), SLOT) > 0;
@@ -366,6 +377,17 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 		if (cmd == 8) {
 			control[0] = 0;
 			tamper_flood(bd_base);
+		}
+		if (cmd == 9) {
+			control[0] = 0;
+			((volatile bd_u32 *)pbox)[0] = 0; /* the header's magic */
+			puts("svc: scribbled over the progress box header\n");
+		}
+		if (cmd == 10) {
+			*(volatile bd_u64 *)MUTE_ADDR = MUTE_MAGIC;
+			puts("svc: resetting into a mute boot\n");
+			outb(0x64, 0xfe);
+			spin_forever();
 		}
 		bell = control[1];
 		/* The monitor writes records, then the doorbell: read in order. */

@@ -155,13 +155,18 @@ pub struct WatchArgs {
     /// Connect/reply timeout per target in milliseconds.
     #[arg(long, value_name = "MS")]
     pub timeout_ms: Option<u64>,
+    /// How long a guest generation may take to show its first progress
+    /// counter before it is judged lost (default 60000: a booting Linux
+    /// guest loads its driver well within it).
+    #[arg(long, value_name = "MS")]
+    pub grace_ms: Option<u64>,
     /// One JSON event per line.
     #[arg(long)]
     pub json: bool,
     /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
-    /// Shell command to run on a hang; the event is in $BDCTL_EVENT.
+    /// Shell command to run on a hang (or a lost or corrupt guest); the event is in $BDCTL_EVENT.
     #[arg(long, value_name = "CMD")]
     pub on_hang: Option<String>,
     /// Extract the hung guest's sessions into DIR (over the watch's own
@@ -196,6 +201,8 @@ pub struct ConfigFile {
     pub interval_ms: Option<u64>,
     /// Timeout per target.
     pub timeout_ms: Option<u64>,
+    /// Grace for a generation's first counter.
+    pub grace_ms: Option<u64>,
     /// Default key file for targets.
     pub key_file: Option<PathBuf>,
     /// On-hang command.
@@ -313,9 +320,14 @@ impl WatchArgs {
                 "interval and timeout must be at least 1 ms".into(),
             ));
         }
+        let grace = self
+            .grace_ms
+            .or(file.grace_ms)
+            .map_or(crate::judge::DEFAULT_GRACE, Duration::from_millis);
         let opts = WatchOptions {
             interval: Duration::from_millis(interval_ms),
             timeout: Duration::from_millis(timeout_ms),
+            grace,
             json: self.json,
             metrics: self.metrics.clone().or(file.metrics),
             on_hang: self.on_hang.clone().or(file.on_hang),

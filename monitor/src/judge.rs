@@ -2,12 +2,17 @@
 //! monitor's own clock (never the guest's), and the verdict for a target.
 //!
 //! A counter is hung when it is ACTIVE and its value has not changed for
-//! longer than its deadline. IDLE counters are never hung. A backdoor that
-//! cannot be read is "unreachable", never "hung". A new generation means
-//! the guest rebooted; a growing tamper count means it tried to change its
-//! sealed backdoor.
+//! longer than its deadline. IDLE counters are never hung, and "idle" is a
+//! verdict only when counters say so: a guest with nothing left to judge
+//! (a new generation that registers no counter within the grace period,
+//! a progress box that disappears) is "lost", and a progress box whose
+//! header goes bad after it was seen good is "corrupt"; until a generation
+//! shows its first counter it is "starting". A backdoor that cannot be
+//! read is "unreachable", never "hung". A new generation means the guest
+//! rebooted; a growing tamper count means it tried to change its sealed
+//! backdoor.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use backdoor_abi::{Counter, CounterState, Level};
@@ -37,6 +42,15 @@ impl CounterObs {
     }
 }
 
+/// One progress box as polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoxObs {
+    /// Its hook's name.
+    pub hook: String,
+    /// Why its header is unusable (its counters were not read), if it is.
+    pub problem: Option<String>,
+}
+
 /// What one poll saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -46,7 +60,9 @@ pub struct Observation {
     pub tamper_count: u32,
     /// Whether the guest sealed its hooks.
     pub sealed: bool,
-    /// Every used counter of every progress box.
+    /// Every progress box the descriptor lists.
+    pub boxes: Vec<BoxObs>,
+    /// Every used counter of every usable progress box.
     pub counters: Vec<CounterObs>,
 }
 
@@ -78,8 +94,30 @@ impl HangLevel {
 pub enum Verdict {
     /// Every active counter moves within its deadline.
     Healthy,
-    /// Nothing to judge: every counter is idle (or retired).
+    /// Every counter says it is idle (or retired): nothing is due.
     Idle,
+    /// This generation has shown no counter yet (a guest still booting);
+    /// past the grace period this is `Lost`.
+    Starting {
+        /// How long it has been waited for, by the monitor's clock.
+        waited_ms: u64,
+    },
+    /// Nothing is left to judge the guest by: a progress box seen this
+    /// generation disappeared, its counters are all gone, or a generation
+    /// registered no counter within the grace period (a guest that
+    /// rebooted and hung before its driver loaded). Acted on as a hang.
+    Lost {
+        /// What was lost.
+        reason: String,
+    },
+    /// A progress box seen good this generation has an unusable header
+    /// now (a wild write): its counters cannot be judged. Acted on as a hang.
+    Corrupt {
+        /// The box's hook.
+        hook: String,
+        /// What is wrong with its header.
+        reason: String,
+    },
     /// A counter stalled past its deadline.
     Hung {
         /// The most severe hung level.
@@ -113,6 +151,9 @@ impl Verdict {
         match self {
             Self::Healthy => "healthy",
             Self::Idle => "idle",
+            Self::Starting { .. } => "starting",
+            Self::Lost { .. } => "lost",
+            Self::Corrupt { .. } => "corrupt",
             Self::Hung { .. } => "hung",
             Self::Unreachable { .. } => "unreachable",
         }
@@ -137,6 +178,7 @@ impl Verdict {
                 },
             ) => a == b && h1 == h2 && s1 == s2,
             (Self::Unreachable { .. }, Self::Unreachable { .. }) => true,
+            (Self::Corrupt { hook: a, .. }, Self::Corrupt { hook: b, .. }) => a == b,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
@@ -177,9 +219,22 @@ struct Track {
     changed_at: Instant,
 }
 
+/// How long a generation may take to show its first counter before it is
+/// judged lost, unless told otherwise (a Linux guest boots and loads its
+/// driver well within this; `bdctl watch --grace-ms`).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
+
 /// The running judgement of one target.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Judge {
+    grace: Duration,
+    /// When this generation was first seen (or seen again after an
+    /// unreachable spell).
+    since: Option<Instant>,
+    /// Progress boxes seen with a good header this generation.
+    good_boxes: HashSet<String>,
+    /// Whether this generation has shown a counter.
+    counted: bool,
     generation: Option<u32>,
     tamper: Option<u32>,
     /// Stall tracks by (progress box, slot): where a counter lives, not
@@ -191,10 +246,31 @@ pub struct Judge {
     restart_clocks: bool,
 }
 
+impl Default for Judge {
+    fn default() -> Self {
+        Self::with_grace(DEFAULT_GRACE)
+    }
+}
+
 impl Judge {
     /// A judge that has seen nothing yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A judge that waits `grace` for a generation's first counter.
+    pub fn with_grace(grace: Duration) -> Self {
+        Self {
+            grace,
+            since: None,
+            good_boxes: HashSet::new(),
+            counted: false,
+            generation: None,
+            tamper: None,
+            tracks: HashMap::new(),
+            verdict: None,
+            restart_clocks: false,
+        }
     }
 
     /// The current verdict.
@@ -220,6 +296,9 @@ impl Judge {
                     });
                     self.tracks.clear();
                     self.tamper = None;
+                    self.since = None;
+                    self.good_boxes.clear();
+                    self.counted = false;
                     rebooted = true;
                 }
                 self.generation = Some(obs.generation);
@@ -251,6 +330,24 @@ impl Judge {
 
     fn judge(&mut self, now: Instant, obs: &Observation) -> Verdict {
         let restart = std::mem::take(&mut self.restart_clocks);
+        if restart {
+            self.since = None;
+        }
+        let since = *self.since.get_or_insert(now);
+        for b in obs.boxes.iter().filter(|b| b.problem.is_none()) {
+            self.good_boxes.insert(b.hook.clone());
+        }
+        let corrupt = obs
+            .boxes
+            .iter()
+            .find(|b| b.problem.is_some() && self.good_boxes.contains(&b.hook));
+        let mut gone: Vec<_> = self
+            .good_boxes
+            .iter()
+            .filter(|h| !obs.boxes.iter().any(|b| &b.hook == *h))
+            .collect();
+        gone.sort();
+        self.counted |= !obs.counters.is_empty();
         let mut worst: Option<(HangLevel, u64, &CounterObs)> = None;
         let mut any_active = false;
         for c in &obs.counters {
@@ -298,8 +395,41 @@ impl Judge {
                 owner: c.counter.owner,
                 claimed_os: c.claimed_os,
             },
-            None if any_active => Verdict::Healthy,
-            None => Verdict::Idle,
+            None => {
+                if let Some(b) = corrupt {
+                    Verdict::Corrupt {
+                        hook: b.hook.clone(),
+                        reason: b.problem.clone().unwrap_or_default(),
+                    }
+                } else if let Some(h) = gone.first() {
+                    Verdict::Lost {
+                        reason: format!("progress box {h} disappeared"),
+                    }
+                } else if any_active {
+                    Verdict::Healthy
+                } else if !obs.counters.is_empty() {
+                    Verdict::Idle
+                } else if self.counted {
+                    Verdict::Lost {
+                        reason: "every counter of this generation is gone".into(),
+                    }
+                } else {
+                    let waited = now.saturating_duration_since(since);
+                    if waited < self.grace {
+                        Verdict::Starting {
+                            waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                        }
+                    } else {
+                        Verdict::Lost {
+                            reason: format!(
+                                "generation {} showed no counter within {} ms",
+                                obs.generation,
+                                self.grace.as_millis()
+                            ),
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -341,6 +471,10 @@ mod tests {
             generation,
             tamper_count: tamper,
             sealed: true,
+            boxes: vec![BoxObs {
+                hook: "progress".into(),
+                problem: None,
+            }],
             counters,
         }
     }
@@ -400,6 +534,124 @@ mod tests {
         assert_eq!(
             verdict_of(&j.observe(ms(310), Ok(&obs(7, 0, c(3))))),
             Some(&Verdict::Healthy)
+        );
+    }
+
+    #[test]
+    fn a_generation_with_no_counter_is_starting_then_lost_never_idle() {
+        let t0 = Instant::now();
+        let mut j = Judge::with_grace(Duration::from_secs(5));
+        let empty = Observation {
+            boxes: Vec::new(),
+            ..obs(1, 0, Vec::new())
+        };
+        assert!(matches!(
+            verdict_of(&j.observe(t0, Ok(&empty))),
+            Some(Verdict::Starting { .. })
+        ));
+        // Still waiting: no new event.
+        assert!(j
+            .observe(t0 + Duration::from_secs(4), Ok(&empty))
+            .is_empty());
+        let ev = j.observe(t0 + Duration::from_secs(6), Ok(&empty));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::Lost { reason }) if reason.contains("no counter within 5000 ms")),
+            "{ev:?}"
+        );
+        // A reboot starts a new wait; its first counter makes it healthy.
+        let ev = j.observe(t0 + Duration::from_secs(7), Ok(&obs(2, 0, Vec::new())));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::Starting { .. })),
+            "{ev:?}"
+        );
+        let c = vec![counter(
+            1,
+            "kernel",
+            1,
+            CounterState::Active,
+            Level::Os,
+            1000,
+        )];
+        let ev = j.observe(t0 + Duration::from_secs(8), Ok(&obs(2, 0, c)));
+        assert_eq!(verdict_of(&ev), Some(&Verdict::Healthy));
+    }
+
+    #[test]
+    fn a_box_that_goes_bad_or_away_after_being_seen_is_corrupt_or_lost() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_millis(s);
+        let c = |v| {
+            vec![counter(
+                1,
+                "kernel",
+                v,
+                CounterState::Active,
+                Level::Os,
+                1000,
+            )]
+        };
+        let mut j = Judge::new();
+        assert_eq!(
+            verdict_of(&j.observe(at(0), Ok(&obs(1, 0, c(1))))),
+            Some(&Verdict::Healthy)
+        );
+        let scribbled = Observation {
+            boxes: vec![BoxObs {
+                hook: "progress".into(),
+                problem: Some("bad magic 0x00000000".into()),
+            }],
+            ..obs(1, 0, Vec::new())
+        };
+        let ev = j.observe(at(100), Ok(&scribbled));
+        assert_eq!(
+            verdict_of(&ev),
+            Some(&Verdict::Corrupt {
+                hook: "progress".into(),
+                reason: "bad magic 0x00000000".into()
+            })
+        );
+        let gone = Observation {
+            boxes: Vec::new(),
+            ..obs(1, 0, Vec::new())
+        };
+        let ev = j.observe(at(200), Ok(&gone));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::Lost { reason }) if reason == "progress box progress disappeared"),
+            "{ev:?}"
+        );
+        // A box bad from the start is not "corrupt" (never seen good): the
+        // generation is starting, and lost if it never shows a counter.
+        let mut j = Judge::with_grace(Duration::from_secs(1));
+        assert!(matches!(
+            verdict_of(&j.observe(at(0), Ok(&scribbled))),
+            Some(Verdict::Starting { .. })
+        ));
+        assert!(matches!(
+            verdict_of(&j.observe(at(1500), Ok(&scribbled))),
+            Some(Verdict::Lost { .. })
+        ));
+    }
+
+    #[test]
+    fn counters_that_all_go_away_leave_the_guest_lost() {
+        let t0 = Instant::now();
+        let mut j = Judge::new();
+        let c = vec![counter(
+            1,
+            "app",
+            1,
+            CounterState::Active,
+            Level::Application,
+            1000,
+        )];
+        assert_eq!(
+            verdict_of(&j.observe(t0, Ok(&obs(1, 0, c)))),
+            Some(&Verdict::Healthy)
+        );
+        let ev = j.observe(t0 + Duration::from_millis(100), Ok(&obs(1, 0, Vec::new())));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::Lost { .. })),
+            "{ev:?}"
         );
     }
 

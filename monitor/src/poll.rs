@@ -4,7 +4,7 @@
 use backdoor_abi::{Counter, CounterState, Level, PboxHeader, LINE, LINE_LEN, PBOX_MAGIC};
 use backdoor_proto::{Client, ClientError};
 
-use crate::judge::{CounterObs, Observation};
+use crate::judge::{BoxObs, CounterObs, Observation};
 
 /// Reads the descriptor and all counters (two round trips and more).
 pub fn observe(client: &mut Client) -> Result<Observation, ClientError> {
@@ -18,15 +18,18 @@ pub fn observe(client: &mut Client) -> Result<Observation, ClientError> {
 pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError> {
     let d = client.descriptor().clone();
     let mut counters = Vec::new();
+    let mut boxes = Vec::new();
     for h in d.hooks.iter().filter(|h| h.kind == "progress_box") {
         let header = client.read(h.id, 0, LINE_LEN)?;
         let hdr = PboxHeader::from_bytes(&header.try_into().unwrap_or([0; LINE]));
-        if hdr.magic != PBOX_MAGIC
-            || usize::from(hdr.header_size) != LINE
-            || hdr.counter_size as usize != LINE
-        {
+        let problem = header_problem(&hdr);
+        boxes.push(BoxObs {
+            hook: h.name.clone(),
+            problem: problem.clone(),
+        });
+        if problem.is_some() {
             // A progress box the guest never initialised (or scribbled on):
-            // nothing to judge in it.
+            // nothing to judge in it; the judge decides what that means.
             continue;
         }
         let max = (h.len / LINE as u64).saturating_sub(1);
@@ -62,8 +65,23 @@ pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError>
         generation: d.generation,
         tamper_count: d.tamper_count,
         sealed: d.sealed,
+        boxes,
         counters,
     })
+}
+
+/// What makes a progress box header unusable, if anything.
+fn header_problem(hdr: &PboxHeader) -> Option<String> {
+    if hdr.magic != PBOX_MAGIC {
+        Some(format!("bad magic {:#010x}", hdr.magic))
+    } else if usize::from(hdr.header_size) != LINE || hdr.counter_size as usize != LINE {
+        Some(format!(
+            "header size {} / counter size {}, not {LINE}",
+            hdr.header_size, hdr.counter_size
+        ))
+    } else {
+        None
+    }
 }
 
 /// A counter for people and JSON: state and level by name ("?" where the

@@ -24,6 +24,8 @@ pub struct WatchOptions {
     pub interval: Duration,
     /// Connect and reply timeout per target.
     pub timeout: Duration,
+    /// How long a generation may show no counter before it is lost.
+    pub grace: Duration,
     /// One JSON event per line instead of the table.
     pub json: bool,
     /// Serve Prometheus metrics here.
@@ -83,7 +85,7 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
             client: None,
             transport: None,
             described: None,
-            judge: Judge::new(),
+            judge: Judge::with_grace(opts.grace),
             last: None,
             events: BTreeMap::new(),
             poll_seconds: 0.0,
@@ -120,7 +122,7 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
                 v["target"] = json!(w.target.name);
                 emit(&v, opts.json, table, &mut recent);
                 if let Event::Verdict {
-                    verdict: Verdict::Hung { .. },
+                    verdict: Verdict::Hung { .. } | Verdict::Lost { .. } | Verdict::Corrupt { .. },
                     ..
                 } = &e
                 {
@@ -461,7 +463,9 @@ fn draw_table(watched: &[Watched], recent: &[String]) {
             }) => format!(
                 "{level:?} counter {counter} ({hook} slot {slot}) stalled {stalled_ms} ms > {deadline_ms} ms"
             ),
-            Some(Verdict::Unreachable { reason }) => reason.clone(),
+            Some(Verdict::Unreachable { reason } | Verdict::Lost { reason }) => reason.clone(),
+            Some(Verdict::Corrupt { hook, reason }) => format!("progress box {hook}: {reason}"),
+            Some(Verdict::Starting { waited_ms }) => format!("no counter yet ({waited_ms} ms)"),
             _ => w
                 .last
                 .as_ref()

@@ -651,6 +651,10 @@ pub mod shop {
         pub const TAMPER: u64 = 7;
         /// Try 100,000 times.
         pub const TAMPER_FLOOD: u64 = 8;
+        /// A wild write over the progress box's header.
+        pub const SCRIBBLE_PBOX: u64 = 9;
+        /// Reset into a boot that registers nothing.
+        pub const MUTE_RESET: u64 = 10;
     }
 
     /// The `bdctl` binary next to `bdvmm`.

@@ -357,3 +357,60 @@ fn a_read_monitor_cannot_write_cas_or_faa_and_the_guest_never_notices() {
     assert_eq!(s.vm.api("pause")["ok"], true);
     extract_and_check(&s.addr, &s.keys, s.dir.path());
 }
+
+#[test]
+fn a_progress_box_scribbled_after_being_seen_is_corrupt_never_idle() {
+    let s = shop(&[]);
+    let hook_cmd = std::env::temp_dir().join(format!("bd-corrupt-{}", std::process::id()));
+    let on_hang = format!("echo \"$BDCTL_EVENT\" > {}", hook_cmd.display());
+    let mut args = WATCH.to_vec();
+    args.extend(["--on-hang", &on_hang]);
+    let w = Watch::start(&s.target(), &s.keys, &args);
+    w.verdict("healthy", T);
+    s.control(cmd::SCRIBBLE_PBOX);
+    let (_, e) = w.verdict("corrupt", T);
+    assert_eq!(e["hook"], "progress", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap_or("").contains("bad magic"),
+        "{e}"
+    );
+    // --on-hang acts on it as on a hang.
+    let deadline = std::time::Instant::now() + T;
+    while !hook_cmd.exists() {
+        assert!(std::time::Instant::now() < deadline, "--on-hang never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let told = std::fs::read_to_string(&hook_cmd).unwrap();
+    let _ = std::fs::remove_file(&hook_cmd);
+    assert!(told.contains("\"verdict\":\"corrupt\""), "{told}");
+}
+
+#[test]
+fn a_guest_that_reboots_and_never_registers_is_lost_never_idle() {
+    let mut s = shop(&["--on-reset", "reboot"]);
+    let mut args = WATCH.to_vec();
+    args.extend(["--grace-ms", "2000"]);
+    let w = Watch::start(&s.target(), &s.keys, &args);
+    let (_, first) = w.verdict("healthy", T);
+    s.control(cmd::MUTE_RESET);
+    s.vm.wait_line("svc: mute boot: registering nothing", T);
+    let (_, r) = w.wait("rebooted", T, |e| e["event"] == "rebooted");
+    assert_eq!(r["from"], first["generation"]);
+    // The new boot is given its grace, then called lost: never idle.
+    let (_, starting) = w.verdict("starting", T);
+    assert_eq!(starting["generation"], r["to"]);
+    let (_, lost) = w.verdict("lost", T);
+    assert_eq!(lost["generation"], r["to"]);
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("showed no counter within 2000 ms"),
+        "{lost}"
+    );
+    let seen = w.collect(Duration::from_millis(300));
+    assert!(
+        !seen.iter().any(|e| e["verdict"] == "idle"),
+        "a lost guest was called idle: {seen:?}"
+    );
+}
