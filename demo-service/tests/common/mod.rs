@@ -206,8 +206,8 @@ pub fn bdctl(args: &[&str]) -> Result<(), bdctl::Error> {
     let cli = Cli::try_parse_from(std::iter::once("bdctl").chain(args.iter().copied()))
         .expect("bdctl arguments");
     match cli.command {
-        Command::Extract(a) => bdctl::commands::extract(&a).map(|_| ()),
-        Command::Resume(a) => bdctl::commands::resume(&a).map(|_| ()),
+        Command::Extract(a) => bdctl::commands::extract::run(&a).map(|_| ()),
+        Command::Resume(a) => bdctl::commands::resume::run(&a).map(|_| ()),
         other => panic!("not used here: {other:?}"),
     }
 }
