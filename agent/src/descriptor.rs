@@ -112,15 +112,33 @@ pub trait VcpuSource: Send + Sync {
     /// The report as JSON (`{"vcpus": [...], ...}`), or None if the VMM
     /// gave none.
     fn vcpus(&self) -> Option<serde_json::Value>;
+
+    /// How much CPU the host gave each vCPU thread, read now from the
+    /// host's /proc (never from guest memory): `{"vcpus": [...]}` of
+    /// [`crate::sched::ThreadSched`], or None if unknown.
+    fn sched(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// The last vCPU report a separate VMM pushed over the link, and when.
 #[derive(Debug, Default)]
 pub struct PushedVcpus {
     last: Mutex<Option<(serde_json::Value, std::time::Instant)>>,
+    /// The VMM's process (0: unknown), whose vCPU threads the agent reads
+    /// itself: a stopped or dead VMM pushes nothing.
+    vmm_pid: u32,
 }
 
 impl PushedVcpus {
+    /// Reports of the VMM process `pid`.
+    pub fn of_pid(pid: u32) -> Self {
+        Self {
+            last: Mutex::default(),
+            vmm_pid: pid,
+        }
+    }
+
     /// Replaces the report.
     pub fn update(&self, v: serde_json::Value) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((v, std::time::Instant::now()));
@@ -136,5 +154,12 @@ impl VcpuSource for PushedVcpus {
         v["age_ms"] =
             serde_json::json!(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
         Some(v)
+    }
+
+    fn sched(&self) -> Option<serde_json::Value> {
+        // Read from the host, not from what the VMM pushed: a VMM that is
+        // stopped or dead pushes nothing.
+        (self.vmm_pid != 0)
+            .then(|| crate::sched::report(self.vmm_pid, &crate::sched::vcpu_threads(self.vmm_pid)))
     }
 }

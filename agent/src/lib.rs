@@ -8,6 +8,7 @@ pub mod descriptor;
 pub mod guest_mem;
 pub mod handshake;
 pub mod peer;
+pub mod sched;
 pub mod server;
 #[cfg(feature = "verbs")]
 pub mod verbs;

@@ -27,12 +27,12 @@ pub enum PeerError {
 }
 
 /// Checks that the peer of the connected Unix socket `s` runs as this
-/// process's effective uid, or as root.
-pub fn check_same_user(s: &impl AsFd) -> Result<(), PeerError> {
+/// process's effective uid, or as root, and returns its process id.
+pub fn check_same_user(s: &impl AsFd) -> Result<u32, PeerError> {
     let cred = getsockopt(s, PeerCredentials).map_err(PeerError::Unknown)?;
     let ours = nix::unistd::geteuid().as_raw();
     match cred.uid() {
-        uid if uid == ours || uid == 0 => Ok(()),
+        uid if uid == ours || uid == 0 => Ok(u32::try_from(cred.pid()).unwrap_or(0)),
         uid => Err(PeerError::OtherUser {
             pid: cred.pid(),
             uid,
@@ -48,7 +48,7 @@ mod tests {
     #[test]
     fn a_peer_of_our_own_user_is_accepted() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        check_same_user(&a).unwrap();
+        assert_eq!(check_same_user(&a).unwrap(), std::process::id());
         check_same_user(&b).unwrap();
     }
 }

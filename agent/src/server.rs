@@ -383,6 +383,13 @@ impl Agent {
                     "the VMM reports no vCPUs to this agent".into(),
                 )),
             },
+            Msg::Sched => match self.vcpus.as_ref().and_then(|v| v.sched()) {
+                Some(v) => Ok(Msg::SchedInfo(serde_json::to_vec(&v).unwrap_or_default())),
+                None => Err((
+                    ErrorCode::Unsupported,
+                    "the VMM reports no vCPU threads to this agent".into(),
+                )),
+            },
             Msg::VerbsConnect(endpoint) => match &self.verbs {
                 Some(v) => {
                     *lease = None;

@@ -214,7 +214,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Checks one connection to the VMM socket and takes its guest RAM.
 fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
-    crate::peer::check_same_user(&stream)?;
+    let vmm_pid = crate::peer::check_same_user(&stream)?;
     stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let (first, memfd) = recv_hello(&stream)?;
     check_seals(&memfd)?;
@@ -242,7 +242,7 @@ fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
     let mem = Arc::new(GuestMemory::map(memfd, hello.ranges.clone())?);
     let table = Arc::new(PushedDescriptor::new(hello.descriptor.clone()));
     let follower = table.clone();
-    let vcpus = Arc::new(PushedVcpus::default());
+    let vcpus = Arc::new(PushedVcpus::of_pid(vmm_pid));
     let vcpu_follower = vcpus.clone();
     std::thread::Builder::new().name("bd-vmm-link".into()).spawn(move || {
         loop {

@@ -13,9 +13,11 @@
 //! backdoor.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backdoor_abi::{Counter, CounterState, Level};
+use backdoor_proto::sched::ThreadSched;
 use serde::Serialize;
 
 /// One counter as polled.
@@ -64,6 +66,9 @@ pub struct Observation {
     pub boxes: Vec<BoxObs>,
     /// Every used counter of every usable progress box.
     pub counters: Vec<CounterObs>,
+    /// The host's view of each vCPU thread at this poll (`SCHED`), if
+    /// the agent gives it.
+    pub sched: Option<Arc<Vec<ThreadSched>>>,
 }
 
 /// The level of a hang, most severe first.
@@ -138,6 +143,40 @@ pub enum Verdict {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         claimed_os: bool,
     },
+    /// A counter stalled past its deadline, but its vCPUs waited for a
+    /// host CPU more than they ran and ran less than the deadline: the
+    /// host starved the guest, it did not hang. Not acted on.
+    Starved {
+        /// The stalled counter's level.
+        level: HangLevel,
+        /// The counter.
+        counter: String,
+        /// How long it has not moved.
+        stalled_ms: u64,
+        /// Its deadline.
+        deadline_ms: u32,
+        /// Where it lives.
+        hook: String,
+        /// Its slot.
+        slot: u32,
+        /// The most any vCPU thread ran in the stall.
+        ran_ms: u64,
+        /// The most any vCPU thread waited for a CPU in the stall.
+        waited_ms: u64,
+        /// `ran_ms` per thousand of the stall.
+        cpu_permille: u64,
+    },
+    /// A counter stalled past its deadline while the host has the vCPU
+    /// threads stopped (SIGSTOP, a debugger): not a guest hang. Not acted on.
+    #[serde(rename = "stalled_by_host")]
+    StalledByHost {
+        /// The counter.
+        counter: String,
+        /// How long it has not moved.
+        stalled_ms: u64,
+        /// The vCPUs whose threads are stopped.
+        stopped_vcpus: Vec<u8>,
+    },
     /// The backdoor itself could not be read.
     Unreachable {
         /// Why.
@@ -155,6 +194,8 @@ impl Verdict {
             Self::Lost { .. } => "lost",
             Self::Corrupt { .. } => "corrupt",
             Self::Hung { .. } => "hung",
+            Self::Starved { .. } => "starved",
+            Self::StalledByHost { .. } => "stalled_by_host",
             Self::Unreachable { .. } => "unreachable",
         }
     }
@@ -179,6 +220,14 @@ impl Verdict {
             ) => a == b && h1 == h2 && s1 == s2,
             (Self::Unreachable { .. }, Self::Unreachable { .. }) => true,
             (Self::Corrupt { hook: a, .. }, Self::Corrupt { hook: b, .. }) => a == b,
+            (
+                Self::Starved {
+                    hook: h1, slot: s1, ..
+                },
+                Self::Starved {
+                    hook: h2, slot: s2, ..
+                },
+            ) => h1 == h2 && s1 == s2,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
@@ -212,11 +261,79 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Track {
     value: u64,
     state: u8,
     changed_at: Instant,
+    /// The host's view of the vCPUs when the value last changed.
+    sched_at_change: Option<Arc<Vec<ThreadSched>>>,
+}
+
+/// The host's view of every vCPU thread at one poll.
+type Sched = Arc<Vec<ThreadSched>>;
+
+/// What the host did with the vCPUs during a stall.
+#[derive(Debug, PartialEq, Eq)]
+enum HostView {
+    /// Nothing says the guest lacked CPU: a stall is a hang.
+    Ran,
+    /// The vCPUs waited for a CPU more than they ran, and ran less than
+    /// the deadline.
+    Starved { ran_ns: u64, waited_ns: u64 },
+    /// These vCPU threads are stopped by the host.
+    Stopped(Vec<u8>),
+}
+
+/// Judges the host's share in a stall of `stalled` of a counter with
+/// `deadline` from the vCPU threads as they were when it last moved
+/// (`before`) and now.
+fn host_view(
+    before: Option<&[ThreadSched]>,
+    now: Option<&[ThreadSched]>,
+    deadline: Duration,
+    stalled: Duration,
+) -> HostView {
+    let Some(now) = now else {
+        return HostView::Ran;
+    };
+    let stopped: Vec<u8> = now
+        .iter()
+        .filter(|t| t.state == "T" || t.state == "t")
+        .map(|t| t.vcpu)
+        .collect();
+    if !stopped.is_empty() {
+        return HostView::Stopped(stopped);
+    }
+    let Some(before) = before else {
+        return HostView::Ran;
+    };
+    let (mut ran, mut waited) = (0u64, 0u64);
+    // The kernel adds a wait to `wait_ns` only when the wait ends: a
+    // thread still waiting shows as runnable (R) with no new run time.
+    let mut runnable = false;
+    for t in now {
+        // The same thread then and now (a new boot has new threads).
+        if let Some(b) = before.iter().find(|b| b.vcpu == t.vcpu && b.tid == t.tid) {
+            ran = ran.max(t.run_ns.saturating_sub(b.run_ns));
+            waited = waited.max(t.wait_ns.saturating_sub(b.wait_ns));
+            runnable |= t.state == "R";
+        }
+    }
+    // A vCPU that ran a whole deadline and did not move its counter is
+    // stuck, however slowly the host gave it that time; one that ran
+    // less while it waited more (or is waiting still, runnable, having
+    // run under half the stall) was starved. A halted vCPU sleeps: it
+    // neither runs nor waits, and is stuck.
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    if ran < ns(deadline) && (waited > ran || (runnable && ran < ns(stalled) / 2)) {
+        HostView::Starved {
+            ran_ns: ran,
+            waited_ns: waited,
+        }
+    } else {
+        HostView::Ran
+    }
 }
 
 /// How long a generation may take to show its first counter before it is
@@ -348,15 +465,16 @@ impl Judge {
             .collect();
         gone.sort();
         self.counted |= !obs.counters.is_empty();
-        let mut worst: Option<(HangLevel, u64, &CounterObs)> = None;
+        let mut worst: Option<(HangLevel, u64, &CounterObs, Option<Sched>)> = None;
         let mut any_active = false;
         for c in &obs.counters {
             let key = (c.hook.clone(), c.slot);
             let state = c.counter.state;
-            let t = self.tracks.entry(key).or_insert(Track {
+            let t = self.tracks.entry(key).or_insert_with(|| Track {
                 value: c.counter.value,
                 state,
                 changed_at: now,
+                sched_at_change: obs.sched.clone(),
             });
             // A change of value, or a return from idle, restarts the stall clock.
             if t.value != c.counter.value || t.state != state || restart {
@@ -364,6 +482,7 @@ impl Judge {
                     value: c.counter.value,
                     state,
                     changed_at: now,
+                    sched_at_change: obs.sched.clone(),
                 };
             }
             if c.counter.state() != Some(CounterState::Active) {
@@ -380,21 +499,49 @@ impl Judge {
                     .as_ref()
                     .is_none_or(|w| level < w.0 || (level == w.0 && stalled_ms > w.1))
                 {
-                    worst = Some((level, stalled_ms, c));
+                    worst = Some((level, stalled_ms, c, t.sched_at_change.clone()));
                 }
             }
         }
         match worst {
-            Some((level, stalled_ms, c)) => Verdict::Hung {
-                level,
-                counter: c.name(),
-                stalled_ms,
-                deadline_ms: c.counter.deadline_ms,
-                hook: c.hook.clone(),
-                slot: c.slot,
-                owner: c.counter.owner,
-                claimed_os: c.claimed_os,
-            },
+            Some((level, stalled_ms, c, before)) => {
+                let deadline = Duration::from_millis(u64::from(c.counter.deadline_ms));
+                let now_sched = obs.sched.as_deref().map(Vec::as_slice);
+                let stall = Duration::from_millis(stalled_ms);
+                match host_view(
+                    before.as_deref().map(Vec::as_slice),
+                    now_sched,
+                    deadline,
+                    stall,
+                ) {
+                    HostView::Stopped(stopped_vcpus) => Verdict::StalledByHost {
+                        counter: c.name(),
+                        stalled_ms,
+                        stopped_vcpus,
+                    },
+                    HostView::Starved { ran_ns, waited_ns } => Verdict::Starved {
+                        level,
+                        counter: c.name(),
+                        stalled_ms,
+                        deadline_ms: c.counter.deadline_ms,
+                        hook: c.hook.clone(),
+                        slot: c.slot,
+                        ran_ms: ran_ns / 1_000_000,
+                        waited_ms: waited_ns / 1_000_000,
+                        cpu_permille: (ran_ns / 1_000).saturating_div(stalled_ms.max(1)),
+                    },
+                    HostView::Ran => Verdict::Hung {
+                        level,
+                        counter: c.name(),
+                        stalled_ms,
+                        deadline_ms: c.counter.deadline_ms,
+                        hook: c.hook.clone(),
+                        slot: c.slot,
+                        owner: c.counter.owner,
+                        claimed_os: c.claimed_os,
+                    },
+                }
+            }
             None => {
                 if let Some(b) = corrupt {
                     Verdict::Corrupt {
@@ -476,7 +623,121 @@ mod tests {
                 problem: None,
             }],
             counters,
+            sched: None,
         }
+    }
+
+    fn thread(vcpu: u8, state: &str, run_ms: u64, wait_ms: u64) -> ThreadSched {
+        ThreadSched {
+            vcpu,
+            tid: 100 + i32::from(vcpu),
+            state: state.into(),
+            run_ns: run_ms * 1_000_000,
+            wait_ns: wait_ms * 1_000_000,
+        }
+    }
+
+    #[test]
+    fn the_host_view_tells_starved_from_stuck_and_stopped() {
+        let d = Duration::from_millis(500);
+        let stall = Duration::from_millis(1000);
+        let at = |run, wait| vec![thread(0, "R", run, wait), thread(1, "S", 10, 0)];
+        let before = at(1000, 0);
+        // Spinning with a CPU to itself: ran the whole stall.
+        assert_eq!(
+            host_view(Some(&before), Some(&at(2000, 5)), d, stall),
+            HostView::Ran
+        );
+        // Waited for a CPU more than it ran, and ran under the deadline.
+        assert_eq!(
+            host_view(Some(&before), Some(&at(1030, 900)), d, stall),
+            HostView::Starved {
+                ran_ns: 30_000_000,
+                waited_ns: 900_000_000
+            }
+        );
+        // Throttled, but it has had a deadline of CPU by now: stuck.
+        assert_eq!(
+            host_view(Some(&before), Some(&at(1600, 9000)), d, stall),
+            HostView::Ran
+        );
+        // Halted: asleep in KVM, it neither ran nor waited.
+        let halted = vec![thread(0, "S", 1000, 0), thread(1, "S", 10, 0)];
+        assert_eq!(
+            host_view(Some(&before), Some(&halted), d, stall),
+            HostView::Ran
+        );
+        // Runnable and still waiting (the kernel counts a wait when it
+        // ends): it has not run in the stall.
+        assert_eq!(
+            host_view(Some(&before), Some(&at(1000, 0)), d, stall),
+            HostView::Starved {
+                ran_ns: 0,
+                waited_ns: 0
+            }
+        );
+        // SIGSTOP.
+        let stopped = vec![thread(0, "T", 1000, 0), thread(1, "T", 10, 0)];
+        assert_eq!(
+            host_view(Some(&before), Some(&stopped), d, stall),
+            HostView::Stopped(vec![0, 1])
+        );
+        // No report: nothing is known, a stall is a hang as before.
+        assert_eq!(host_view(None, None, d, stall), HostView::Ran);
+        // New threads (a reboot): not compared with the old ones.
+        let mut rebooted = at(5, 900);
+        rebooted[0].tid = 999;
+        assert_eq!(
+            host_view(Some(&before), Some(&rebooted), d, stall),
+            HostView::Ran
+        );
+    }
+
+    #[test]
+    fn a_starved_guest_is_starved_and_a_stopped_one_stalled_by_host_never_hung() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let c = vec![counter(
+            1,
+            "kernel",
+            7,
+            CounterState::Active,
+            Level::Os,
+            500,
+        )];
+        let with = |threads: Vec<ThreadSched>| Observation {
+            sched: Some(Arc::new(threads)),
+            ..obs(1, 0, c.clone())
+        };
+        let mut j = Judge::new();
+        assert_eq!(
+            verdict_of(&j.observe(at(0), Ok(&with(vec![thread(0, "R", 100, 0)])))),
+            Some(&Verdict::Healthy)
+        );
+        let ev = j.observe(at(800), Ok(&with(vec![thread(0, "R", 110, 700)])));
+        assert!(
+            matches!(
+                verdict_of(&ev),
+                Some(Verdict::Starved {
+                    ran_ms: 10,
+                    waited_ms: 700,
+                    cpu_permille: 12,
+                    ..
+                })
+            ),
+            "{ev:?}"
+        );
+        let ev = j.observe(at(900), Ok(&with(vec![thread(0, "T", 110, 700)])));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::StalledByHost { stopped_vcpus, .. }) if stopped_vcpus == &[0]),
+            "{ev:?}"
+        );
+        // Continued, and now it has run more than a deadline without moving.
+        let ev = j.observe(at(3000), Ok(&with(vec![thread(0, "R", 900, 2000)])));
+        assert!(
+            matches!(verdict_of(&ev), Some(Verdict::Hung { .. })),
+            "{ev:?}"
+        );
     }
 
     fn verdict_of(events: &[Event]) -> Option<&Verdict> {

@@ -466,6 +466,22 @@ fn draw_table(watched: &[Watched], recent: &[String]) {
             Some(Verdict::Unreachable { reason } | Verdict::Lost { reason }) => reason.clone(),
             Some(Verdict::Corrupt { hook, reason }) => format!("progress box {hook}: {reason}"),
             Some(Verdict::Starting { waited_ms }) => format!("no counter yet ({waited_ms} ms)"),
+            Some(Verdict::Starved {
+                counter,
+                stalled_ms,
+                ran_ms,
+                waited_ms,
+                ..
+            }) => format!(
+                "counter {counter} stalled {stalled_ms} ms; its vCPUs ran {ran_ms} ms and waited {waited_ms} ms for a host CPU"
+            ),
+            Some(Verdict::StalledByHost {
+                counter,
+                stalled_ms,
+                stopped_vcpus,
+            }) => format!(
+                "counter {counter} stalled {stalled_ms} ms; the host stopped vCPU threads {stopped_vcpus:?}"
+            ),
             _ => w
                 .last
                 .as_ref()

@@ -474,6 +474,16 @@ impl Client {
         }
     }
 
+    /// How much CPU the host gave each vCPU thread, and in what state each
+    /// is (`{"vcpus": [{"vcpu", "tid", "state", "run_ns", "wait_ns"}]}`).
+    pub fn sched(&mut self) -> Result<crate::sched::SchedReport, ClientError> {
+        match self.call(&Msg::Sched)? {
+            Msg::SchedInfo(json) => serde_json::from_slice(&json)
+                .map_err(|e| ClientError::Protocol(format!("bad scheduling report: {e}"))),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Sends a raw message and returns the raw reply (for tools and tests of the agent's checks).
     pub fn raw(&mut self, msg: &Msg) -> Result<Msg, ClientError> {
         self.call(msg)

@@ -269,6 +269,10 @@ pub enum Msg {
     Vcpus,
     /// Agent → client: the VMM's report of each vCPU (JSON, docs/wire.md).
     VcpusInfo(Vec<u8>),
+    /// Client → agent: how much CPU the host gave each vCPU thread.
+    Sched,
+    /// Agent → client: the host's view of each vCPU thread (JSON, docs/wire.md).
+    SchedInfo(Vec<u8>),
 }
 
 impl Msg {
@@ -293,6 +297,8 @@ impl Msg {
             Self::VerbsInfo(_) => 18,
             Self::Vcpus => 19,
             Self::VcpusInfo(_) => 20,
+            Self::Sched => 21,
+            Self::SchedInfo(_) => 22,
         }
     }
 
@@ -312,12 +318,13 @@ impl Msg {
             | Self::ReadBatchOk(b)
             | Self::VerbsConnect(b)
             | Self::VerbsInfo(b)
-            | Self::VcpusInfo(b) => p.extend_from_slice(b),
+            | Self::VcpusInfo(b)
+            | Self::SchedInfo(b) => p.extend_from_slice(b),
             Self::Error { code, message } => {
                 p.extend_from_slice(&(*code as u16).to_le_bytes());
                 put_str(&mut p, message);
             }
-            Self::Describe | Self::WriteOk | Self::Vcpus => {}
+            Self::Describe | Self::WriteOk | Self::Vcpus | Self::Sched => {}
             Self::Read {
                 generation,
                 hook,
@@ -482,6 +489,8 @@ impl Msg {
             18 => Self::VerbsInfo(c.rest()),
             19 => Self::Vcpus,
             20 => Self::VcpusInfo(c.rest()),
+            21 => Self::Sched,
+            22 => Self::SchedInfo(c.rest()),
             other => return malformed(format!("unknown message type {other}")),
         };
         if !c.0.is_empty() {

@@ -414,3 +414,110 @@ fn a_guest_that_reboots_and_never_registers_is_lost_never_idle() {
         "a lost guest was called idle: {seen:?}"
     );
 }
+
+/// A CPU hog pinned to CPU 0 next to vCPU thread `tid`, which is pinned
+/// there too and put in SCHED_IDLE: the host starves it (it runs a few
+/// milliseconds now and then, with gaps of a second and more).
+struct Starver(std::process::Child);
+
+impl Starver {
+    fn start(tid: i64) -> Self {
+        let tid = tid.to_string();
+        for (tool, args) in [
+            ("taskset", vec!["-p", "-c", "0", &tid]),
+            ("chrt", vec!["--idle", "-p", "0", &tid]),
+        ] {
+            let out = std::process::Command::new(tool)
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| panic!("{tool}: {e}"));
+            assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+        }
+        let hog = std::process::Command::new("taskset")
+            .args(["-c", "0", "sh", "-c", "while :; do :; done"])
+            .spawn()
+            .expect("start the CPU hog");
+        Self(hog)
+    }
+}
+
+impl Starver {
+    /// Eases off: the thread back in SCHED_OTHER at nice 10, next to the
+    /// hog (a tenth of the CPU or so: throttled, no longer starved).
+    fn ease(tid: i64) {
+        let tid = tid.to_string();
+        for (tool, args) in [
+            ("chrt", vec!["--other", "-p", "0", &tid]),
+            ("renice", vec!["-n", "10", "-p", &tid]),
+        ] {
+            let out = std::process::Command::new(tool)
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| panic!("{tool}: {e}"));
+            assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+        }
+    }
+}
+
+impl Drop for Starver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn vcpu0_tid(vm: &Vm) -> i64 {
+    let v = vm.api("vcpus");
+    v["vcpus"][0]["tid"]
+        .as_i64()
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| panic!("no vCPU thread id in {v}"))
+}
+
+#[test]
+fn a_guest_the_host_starves_is_starved_never_hung_and_a_real_hang_is_still_hung() {
+    let s = shop(&[]);
+    let w = Watch::start(&s.target(), &s.keys, &WATCH);
+    w.verdict("healthy", T);
+    let tid = vcpu0_tid(&s.vm);
+    let starver = Starver::start(tid);
+    let (_, e) = w.verdict("starved", T);
+    // It ran less than its deadline, and under half the stall.
+    assert!(e["ran_ms"].as_u64() < e["deadline_ms"].as_u64(), "{e}");
+    assert!(e["cpu_permille"].as_u64() < Some(500), "{e}");
+    // A while of it: the guest is slow, not hung.
+    let seen = w.collect(Duration::from_secs(3));
+    assert!(
+        !seen.iter().any(|e| e["verdict"] == "hung"),
+        "a starved guest was judged hung: {seen:?}"
+    );
+    // Throttled to a share of the CPU it can live with, then hung for
+    // real: once its vCPU has had a whole deadline of CPU without moving
+    // the counter, it is hung, throttled or not.
+    Starver::ease(tid);
+    w.verdict("healthy", T);
+    s.control(cmd::SPIN);
+    let (_, e) = w.verdict("hung", T);
+    assert_hung_os(&e);
+    drop(starver);
+}
+
+#[test]
+fn a_vmm_the_host_stopped_is_stalled_by_host_never_hung() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys::write_file(dir.path());
+    let (agent, vm) = shop_with_agent(dir.path(), &k, "127.0.0.1:0", &[]);
+    let w = Watch::start(&format!("shop1@{}", agent.addr), &k, &WATCH);
+    w.verdict("healthy", T);
+    vm.signal(libc::SIGSTOP);
+    let (_, e) = w.verdict("stalled_by_host", T);
+    assert_eq!(e["stopped_vcpus"], serde_json::json!([0]), "{e}");
+    let seen = w.collect(Duration::from_secs(2));
+    vm.signal(libc::SIGCONT);
+    assert!(
+        !seen.iter().any(|e| e["verdict"] == "hung"),
+        "a stopped VMM's guest was judged hung: {seen:?}"
+    );
+    w.verdict("healthy", T);
+    drop(agent);
+}

@@ -125,6 +125,8 @@ pub enum VcpuReport {
         at: crate::vcpu::Location,
         /// Whether they were taken for this request.
         fresh: bool,
+        /// Its host thread (0 before it started): what `SCHED` reads.
+        tid: i32,
     },
     /// A vCPU that has not exited yet.
     Unknown {
@@ -132,6 +134,8 @@ pub enum VcpuReport {
         vcpu: u8,
         /// Always false.
         fresh: bool,
+        /// Its host thread (0 before it started).
+        tid: i32,
     },
 }
 
@@ -227,6 +231,15 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// The host's view of each vCPU thread (run and wait time, state).
+    pub fn sched(&self) -> serde_json::Value {
+        let tids: Vec<_> = (0u8..)
+            .zip(&self.locations)
+            .map(|(i, l)| (i, l.tid()))
+            .collect();
+        backdoor_agent::sched::report(std::process::id(), &tids)
+    }
+
     /// Every vCPU's exits added up, by kind.
     pub fn exit_totals(&self) -> ExitCounts {
         let mut sum = ExitCounts::default();
@@ -264,12 +277,18 @@ impl VmControl {
         };
         let vcpus = located
             .into_iter()
+            .zip(&self.locations)
             .enumerate()
-            .map(|(i, (loc, fresh))| match loc {
-                Some(at) => VcpuReport::Located { at, fresh },
+            .map(|(i, ((loc, fresh), l))| match loc {
+                Some(at) => VcpuReport::Located {
+                    at,
+                    fresh,
+                    tid: l.tid(),
+                },
                 None => VcpuReport::Unknown {
                     vcpu: u8::try_from(i).unwrap_or(u8::MAX),
                     fresh: false,
+                    tid: l.tid(),
                 },
             })
             .collect();

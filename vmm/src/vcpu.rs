@@ -95,6 +95,8 @@ pub struct Location {
 /// and the one it gave when last asked (with its MP state).
 #[derive(Debug, Default)]
 pub struct VcpuLocation {
+    /// The vCPU thread's id, once it runs.
+    tid: std::sync::atomic::AtomicI32,
     last: Mutex<Option<Location>>,
     answer: Mutex<Option<Location>>,
     /// Exit count of the latest answer.
@@ -104,6 +106,11 @@ pub struct VcpuLocation {
 }
 
 impl VcpuLocation {
+    /// The vCPU's host thread id (0 before it started).
+    pub fn tid(&self) -> i32 {
+        self.tid.load(Ordering::Relaxed)
+    }
+
     fn publish(&self, loc: Location, answers: bool) {
         let lock = |m: &'_ Mutex<Option<Location>>| {
             *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(loc)
@@ -205,6 +212,9 @@ struct Registers {
 }
 
 fn run_loop(mut fd: VcpuFd, ctx: VcpuContext) {
+    ctx.location
+        .tid
+        .store(backdoor_agent::sched::gettid(), Ordering::Relaxed);
     let run: *mut kvm_run = fd.get_kvm_run();
     // SAFETY: `run` points at this vCPU's kvm_run mapping, valid while `fd` lives.
     let flag = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };

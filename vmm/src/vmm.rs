@@ -177,6 +177,15 @@ impl backdoor_agent::VcpuSource for VcpuReporter {
     fn vcpus(&self) -> Option<serde_json::Value> {
         self.report(self.fresh)
     }
+
+    fn sched(&self) -> Option<serde_json::Value> {
+        let control = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(control.sched())
+    }
 }
 
 #[derive(Debug)]

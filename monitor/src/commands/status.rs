@@ -21,7 +21,7 @@ pub fn run(t: &OneTarget) -> Result<(), Error> {
         let counters: Vec<_> = obs.counters.iter().map(poll::counter_json).collect();
         println!(
             "{}",
-            json!({"descriptor": d, "counters": counters, "transport": c.data_path(), "not_verbs": why_soft})
+            json!({"descriptor": d, "counters": counters, "vcpu_threads": obs.sched.as_deref(), "transport": c.data_path(), "not_verbs": why_soft})
         );
         return Ok(());
     }
@@ -45,6 +45,19 @@ pub fn run(t: &OneTarget) -> Result<(), Error> {
             h.len,
             perms(h.perms)
         );
+    }
+    if let Some(threads) = &obs.sched {
+        println!("vCPU threads (the host's view):");
+        for t in threads.iter() {
+            println!(
+                "  vcpu {:<3} tid {:<8} state {:<5} ran {:>10.1} ms  waited for a CPU {:>10.1} ms",
+                t.vcpu,
+                t.tid,
+                t.state,
+                t.run_ns as f64 / 1e6,
+                t.wait_ns as f64 / 1e6
+            );
+        }
     }
     println!("counters:");
     for c in &obs.counters {
