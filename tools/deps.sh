@@ -28,9 +28,10 @@ readonly DEMO=(gcc libc6-dev make python3)
 # error tests) and flock; cpio; iproute2: network namespaces (the cut-link
 # test); kmod: depmod for the guest kernel's modules; linux-headers-amd64,
 # sparse: `make module` (W=1, C=1); linux-source: checkpatch.pl (`make
-# checkpatch`); cmake..libibverbs-dev: the RDMA verbs backend.
+# checkpatch`); cmake..libibverbs-dev: the RDMA verbs backend;
+# prometheus: promtool, which checks what `bdctl watch --metrics` serves.
 readonly TEST=(xz-utils util-linux cpio iproute2 kmod linux-headers-amd64 sparse linux-source
-	cmake pkg-config libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev)
+	cmake pkg-config libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev prometheus)
 # qemu-system-x86: L1 (TCG with nested SVM); busybox-static: L1's
 # initramfs; dkms: the dkms install test; ibverbs-providers (rxe),
 # ibverbs-utils, perftest (ib_read_lat): Soft-RoCE inside L1, which runs

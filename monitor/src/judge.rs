@@ -185,6 +185,19 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Every name [`Verdict::name`] gives.
+    pub const NAMES: &'static [&'static str] = &[
+        "healthy",
+        "idle",
+        "starting",
+        "lost",
+        "corrupt",
+        "hung",
+        "starved",
+        "stalled_by_host",
+        "unreachable",
+    ];
+
     /// Short name for tables and metrics.
     pub fn name(&self) -> &'static str {
         match self {

@@ -19,7 +19,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// The content type of the OpenMetrics text format.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format (what `curl` and
+/// `promtool check metrics` read), for clients that do not ask for
+/// OpenMetrics.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The latest exposition text.
 #[derive(Debug, Default, Clone)]
@@ -56,7 +60,13 @@ pub fn serve(addr: &str, exposition: Exposition) -> std::io::Result<std::net::So
                     continue;
                 };
                 let (status, content_type, body) = if request.starts_with(b"GET /metrics ") {
-                    ("200 OK", CONTENT_TYPE, exposition.get())
+                    // As Prometheus's own clients do: OpenMetrics to whoever
+                    // asks for it (a Prometheus server does), else the text format.
+                    if asks_for_openmetrics(&request) {
+                        ("200 OK", OPENMETRICS, exposition.get())
+                    } else {
+                        ("200 OK", PROMETHEUS_TEXT, prometheus_text(&exposition.get()))
+                    }
                 } else {
                     ("404 Not Found", "text/plain", "try GET /metrics\n".to_owned())
                 };
@@ -91,6 +101,48 @@ fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// Whether a request's Accept header names OpenMetrics.
+fn asks_for_openmetrics(request: &[u8]) -> bool {
+    String::from_utf8_lossy(request).lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("accept:") && l.contains("application/openmetrics-text")
+    })
+}
+
+/// The OpenMetrics exposition prometheus-client writes, in the Prometheus
+/// text format: a counter's HELP and TYPE name its `_total` samples (in
+/// OpenMetrics they name the family), and no `# EOF` or `# UNIT`.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                let meta = format!("{p}{name}{total} {tail}");
+                out.push_str(meta.trim_end());
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
@@ -102,10 +154,24 @@ struct VerdictLabels {
     verdict: String,
 }
 
+/// A counter is where it lives (hook and slot: two counters may share a
+/// name, as a Linux guest's per-CPU "kernel" counters do), with its name,
+/// owner and level.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CounterLabels {
-    target: String,
-    counter: String,
+pub struct CounterLabels {
+    /// The target.
+    pub target: String,
+    /// Its progress box.
+    pub hook: String,
+    /// Its slot in the box.
+    pub slot: u32,
+    /// Its name.
+    pub counter: String,
+    /// Its owner as the guest wrote it (a pid, a CPU, a session).
+    pub owner: u32,
+    /// os, application or session (as judged: an OS claim outside the
+    /// kernel's slots reads application).
+    pub level: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,8 +187,9 @@ pub struct Round {
     up: Family<TargetLabels, Gauge>,
     verdict: Family<VerdictLabels, Gauge>,
     generation: Family<TargetLabels, Gauge>,
-    tamper_count: Family<TargetLabels, Gauge>,
+    tampered: Family<TargetLabels, Gauge>,
     counter: Family<CounterLabels, Gauge<u64, AtomicU64>>,
+    counter_active: Family<CounterLabels, Gauge>,
     events: Family<EventLabels, Counter>,
     poll_seconds: Family<TargetLabels, Gauge<f64, AtomicU64>>,
 }
@@ -140,8 +207,9 @@ impl Round {
         let up = Family::default();
         let verdict = Family::default();
         let generation = Family::default();
-        let tamper_count = Family::default();
+        let tampered = Family::default();
         let counter = Family::default();
+        let counter_active = Family::default();
         let events = Family::default();
         let poll_seconds = Family::default();
         registry.register(
@@ -160,14 +228,19 @@ impl Round {
             generation.clone(),
         );
         registry.register(
-            "bdctl_target_tamper_count",
-            "Commands the guest's device refused after the seal",
-            tamper_count.clone(),
+            "bdctl_target_refused_commands",
+            "Commands the guest's device refused after the seal (its tamper count)",
+            tampered.clone(),
         );
         registry.register(
-            "bdctl_counter_value",
-            "A progress counter's value",
+            "bdctl_progress_value",
+            "A progress counter's value (retired counters are not shown)",
             counter.clone(),
+        );
+        registry.register(
+            "bdctl_progress_active",
+            "Whether a progress counter is active (1) or idle (0)",
+            counter_active.clone(),
         );
         registry.register("bdctl_events", "Events reported, by kind", events.clone());
         registry.register(
@@ -180,8 +253,9 @@ impl Round {
             up,
             verdict,
             generation,
-            tamper_count,
+            tampered,
             counter,
+            counter_active,
             events,
             poll_seconds,
         }
@@ -218,19 +292,15 @@ impl Round {
             target: target.to_owned(),
         };
         self.generation.get_or_create(&t).set(i64::from(generation));
-        self.tamper_count
-            .get_or_create(&t)
-            .set(i64::from(tamper_count));
+        self.tampered.get_or_create(&t).set(i64::from(tamper_count));
     }
 
-    /// A progress counter's value.
-    pub fn counter(&self, target: &str, counter: &str, value: u64) {
-        self.counter
-            .get_or_create(&CounterLabels {
-                target: target.to_owned(),
-                counter: counter.to_owned(),
-            })
-            .set(value);
+    /// A progress counter's value and whether it is active.
+    pub fn counter(&self, labels: &CounterLabels, value: u64, active: bool) {
+        self.counter.get_or_create(labels).set(value);
+        self.counter_active
+            .get_or_create(labels)
+            .set(i64::from(active));
     }
 
     /// How many events of a kind a target has had.
@@ -294,7 +364,16 @@ mod tests {
         let r = Round::new();
         r.target("vm\"1", true, &["healthy", "hung"], Some("healthy"), 0.25);
         r.backdoor("vm\"1", 7, 2);
-        r.counter("vm\"1", "kernel", u64::MAX);
+        let kernel = |slot, owner| CounterLabels {
+            target: "vm\"1".into(),
+            hook: "progress".into(),
+            slot,
+            counter: "kernel".into(),
+            owner,
+            level: "os".into(),
+        };
+        r.counter(&kernel(0, 0), u64::MAX, true);
+        r.counter(&kernel(1, 1), 5, false);
         r.events("vm\"1", "hung", 2);
         let text = r.encode();
         for line in [
@@ -302,8 +381,10 @@ mod tests {
             r#"bdctl_target_verdict{target="vm\"1",verdict="healthy"} 1"#,
             r#"bdctl_target_verdict{target="vm\"1",verdict="hung"} 0"#,
             r#"bdctl_target_generation{target="vm\"1"} 7"#,
-            r#"bdctl_target_tamper_count{target="vm\"1"} 2"#,
-            r#"bdctl_counter_value{target="vm\"1",counter="kernel"} 18446744073709551615"#,
+            r#"bdctl_target_refused_commands{target="vm\"1"} 2"#,
+            r#"bdctl_progress_value{target="vm\"1",hook="progress",slot="0",counter="kernel",owner="0",level="os"} 18446744073709551615"#,
+            r#"bdctl_progress_value{target="vm\"1",hook="progress",slot="1",counter="kernel",owner="1",level="os"} 5"#,
+            r#"bdctl_progress_active{target="vm\"1",hook="progress",slot="1",counter="kernel",owner="1",level="os"} 0"#,
             r#"bdctl_events_total{target="vm\"1",event="hung"} 2"#,
             r#"bdctl_poll_duration_seconds{target="vm\"1"} 0.25"#,
             "# TYPE bdctl_events counter",
@@ -311,5 +392,15 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        let plain = prometheus_text(&text);
+        for line in [
+            "# HELP bdctl_events_total Events reported, by kind.",
+            "# TYPE bdctl_events_total counter",
+            r#"bdctl_events_total{target="vm\"1",event="hung"} 2"#,
+            "# TYPE bdctl_target_up gauge",
+        ] {
+            assert!(plain.lines().any(|l| l == line), "no {line:?} in\n{plain}");
+        }
+        assert!(!plain.contains("# EOF"), "{plain}");
     }
 }

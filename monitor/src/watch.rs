@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backdoor_proto::{Client, Role};
@@ -49,6 +49,7 @@ pub struct WatchOptions {
 /// STALE_GENERATION refusal of the next counter read.
 const DESCRIBE_EVERY: Duration = Duration::from_millis(250);
 
+/// A target as its poller holds it.
 struct Watched {
     target: Target,
     client: Option<Client>,
@@ -56,9 +57,6 @@ struct Watched {
     transport: Option<&'static str>,
     described: Option<Instant>,
     judge: Judge,
-    last: Option<Observation>,
-    events: BTreeMap<&'static str, u64>,
-    poll_seconds: f64,
 }
 
 /// What `watch` ends with.
@@ -76,101 +74,194 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Runs the watch loop.
+/// Longest wait between two connection attempts to an unreachable target.
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the main thread (output, metrics, the table, exit) sees of one
+/// target; its poller thread keeps it up to date.
+#[derive(Debug, Default, Clone)]
+struct View {
+    verdict: Option<Verdict>,
+    last: Option<Observation>,
+    events: BTreeMap<&'static str, u64>,
+    poll_seconds: f64,
+}
+
+/// What pollers and action threads tell the main thread.
+enum Report {
+    /// An event of a target, ready to print; `actions` reports will follow
+    /// from the hang actions it started.
+    Event {
+        v: serde_json::Value,
+        hang: bool,
+        actions: usize,
+    },
+    /// A hang action finished (its event).
+    ActionDone(serde_json::Value),
+    /// A poller finished its `--count` polls.
+    Finished,
+}
+
+/// Runs the watch: one poller thread per target, each on its own clock
+/// (a slow or unreachable target delays nobody else's polls), and this
+/// thread printing their events, serving metrics and drawing the table.
 pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<WatchEnd> {
-    let mut watched: Vec<Watched> = targets
-        .into_iter()
-        .map(|target| Watched {
-            target,
-            client: None,
-            transport: None,
-            described: None,
-            judge: Judge::with_grace(opts.grace),
-            last: None,
-            events: BTreeMap::new(),
-            poll_seconds: 0.0,
-        })
-        .collect();
     let exposition = Exposition::default();
     if let Some(addr) = &opts.metrics {
         let bound = metrics::serve(addr, exposition.clone())?;
         eprintln!("bdctl: metrics on http://{bound}/metrics");
     }
     let table = !opts.json && std::io::stdout().is_terminal();
-    let (done_tx, done_rx) = mpsc::channel::<serde_json::Value>();
+    let (tx, rx) = mpsc::channel::<Report>();
+    let mut views = Vec::new();
+    for target in targets {
+        let view = Arc::new(Mutex::new(View::default()));
+        views.push((target.name.clone(), view.clone()));
+        let (opts, tx) = (opts.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("bdctl-poll".into())
+            .spawn(move || poll_loop(target, &opts, &view, &tx))?;
+    }
+    drop(tx);
     let mut pending_actions = 0usize;
+    let mut finished = 0usize;
     let mut hang_seen = false;
     let mut recent: Vec<String> = Vec::new();
     let mut last_draw = Instant::now() - Duration::from_secs(1);
-    let mut round = 0u64;
-    let mut next = Instant::now();
+    let tick = opts
+        .interval
+        .clamp(Duration::from_millis(10), Duration::from_millis(250));
     loop {
-        for w in &mut watched {
-            let t = Instant::now();
-            let result = poll_target(w, opts.timeout);
-            w.poll_seconds = t.elapsed().as_secs_f64();
-            let now = Instant::now();
-            let events = w.judge.observe(now, result.as_ref().map_err(Clone::clone));
-            if let Ok(o) = result {
-                w.last = Some(o);
-            }
-            for e in events {
-                let name = event_name(&e);
-                *w.events.entry(name).or_default() += 1;
-                let mut v = serde_json::to_value(&e).unwrap_or_default();
-                v["ts_unix_ms"] = json!(now_ms());
-                v["target"] = json!(w.target.name);
+        match rx.recv_timeout(tick) {
+            Ok(Report::Event { v, hang, actions }) => {
+                hang_seen |= hang;
+                pending_actions += actions;
                 emit(&v, opts.json, table, &mut recent);
-                if let Event::Verdict {
-                    verdict: Verdict::Hung { .. } | Verdict::Lost { .. } | Verdict::Corrupt { .. },
-                    ..
-                } = &e
-                {
-                    hang_seen = true;
-                    // The extraction takes the connection this watch holds:
-                    // a hung guest's agent may have no slot for a new one
-                    // (the next poll connects again).
-                    let held = if opts.extract_on_hang.is_some() {
-                        w.described = None;
-                        w.client.take()
-                    } else {
-                        None
-                    };
-                    pending_actions += run_actions(&w.target, &v, opts, &done_tx, held);
-                }
             }
+            Ok(Report::ActionDone(v)) => {
+                pending_actions = pending_actions.saturating_sub(1);
+                emit(&v, opts.json, table, &mut recent);
+            }
+            Ok(Report::Finished) => finished += 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Every poller and action thread is gone.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(WatchEnd::Done),
         }
-        while let Ok(v) = done_rx.try_recv() {
-            pending_actions = pending_actions.saturating_sub(1);
-            emit(&v, opts.json, table, &mut recent);
-        }
+        let snapshot = || -> Vec<(String, View)> {
+            views
+                .iter()
+                .map(|(n, v)| (n.clone(), lock(v).clone()))
+                .collect()
+        };
         if opts.metrics.is_some() {
-            exposition.set(render_metrics(&watched));
+            exposition.set(render_metrics(&snapshot()));
         }
         if table && last_draw.elapsed() >= Duration::from_millis(250) {
-            draw_table(&watched, &recent);
+            draw_table(&snapshot(), &recent);
             last_draw = Instant::now();
         }
-        round += 1;
-        if opts.exit_on_hang && hang_seen {
-            // Let the hang's actions (extraction, commands) finish first.
-            while pending_actions > 0 {
-                if let Ok(v) = done_rx.recv() {
-                    pending_actions -= 1;
-                    emit(&v, opts.json, table, &mut recent);
-                } else {
-                    break;
-                }
-            }
+        if opts.exit_on_hang && hang_seen && pending_actions == 0 {
+            // The hang's actions (extraction, commands) have finished.
             if table {
-                draw_table(&watched, &recent);
+                draw_table(&snapshot(), &recent);
             }
             return Ok(WatchEnd::Hang);
         }
-        if opts.count.is_some_and(|c| round >= c) {
+        if finished == views.len() && !(opts.exit_on_hang && hang_seen) {
             return Ok(WatchEnd::Done);
         }
-        next += opts.interval;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One target's poller: polls at the interval by its own clock (backing
+/// off its connection attempts while it is unreachable), judges, reports
+/// the events and starts the hang actions.
+fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc::Sender<Report>) {
+    let mut w = Watched {
+        target,
+        client: None,
+        transport: None,
+        described: None,
+        judge: Judge::with_grace(opts.grace),
+    };
+    let (done_tx, done_rx) = mpsc::channel::<serde_json::Value>();
+    let forward = tx.clone();
+    // Hang actions report here; they outlive nothing but this watch.
+    std::thread::spawn(move || {
+        for v in done_rx {
+            if forward.send(Report::ActionDone(v)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut polls = 0u64;
+    let mut next = Instant::now();
+    let mut backoff = opts.interval;
+    loop {
+        let t = Instant::now();
+        let result = poll_target(&mut w, opts.timeout);
+        let poll_seconds = t.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let unreachable = result.is_err() && w.client.is_none();
+        let events = w.judge.observe(now, result.as_ref().map_err(Clone::clone));
+        {
+            let mut v = lock(view);
+            v.poll_seconds = poll_seconds;
+            v.verdict = w.judge.verdict().cloned();
+            if let Ok(o) = result {
+                v.last = Some(o);
+            }
+            for e in &events {
+                *v.events.entry(event_name(e)).or_default() += 1;
+            }
+        }
+        for e in events {
+            let mut v = serde_json::to_value(&e).unwrap_or_default();
+            v["ts_unix_ms"] = json!(now_ms());
+            v["target"] = json!(w.target.name);
+            let hang = matches!(
+                &e,
+                Event::Verdict {
+                    verdict: Verdict::Hung { .. } | Verdict::Lost { .. } | Verdict::Corrupt { .. },
+                    ..
+                }
+            );
+            let mut actions = 0;
+            if hang {
+                // The extraction takes the connection this watch holds:
+                // a hung guest's agent may have no slot for a new one
+                // (the next poll connects again).
+                let held = if opts.extract_on_hang.is_some() {
+                    w.described = None;
+                    w.client.take()
+                } else {
+                    None
+                };
+                actions = run_actions(&w.target, &v, opts, &done_tx, held);
+            }
+            if tx.send(Report::Event { v, hang, actions }).is_err() {
+                return;
+            }
+        }
+        polls += 1;
+        if opts.count.is_some_and(|c| polls >= c) {
+            let _ = tx.send(Report::Finished);
+            return;
+        }
+        // An unreachable target is tried less and less often (up to
+        // MAX_CONNECT_BACKOFF); a reachable one at every interval.
+        let wait = if unreachable {
+            backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF.max(opts.interval));
+            backoff
+        } else {
+            backoff = opts.interval;
+            opts.interval
+        };
+        next += wait;
         let now = Instant::now();
         if next > now {
             std::thread::sleep(next - now);
@@ -442,15 +533,15 @@ fn write_extraction(
     Ok(file)
 }
 
-fn draw_table(watched: &[Watched], recent: &[String]) {
+fn draw_table(watched: &[(String, View)], recent: &[String]) {
     let mut s = String::from("\x1b[H\x1b[2J");
     let _ = writeln!(
         s,
         "{:<16} {:<12} {:>10} {:>6} {:>7}  DETAIL",
         "TARGET", "STATE", "GENERATION", "TAMPER", "POLL"
     );
-    for w in watched {
-        let v = w.judge.verdict();
+    for (name, w) in watched {
+        let v = w.verdict.as_ref();
         let detail = match v {
             Some(Verdict::Hung {
                 level,
@@ -494,7 +585,7 @@ fn draw_table(watched: &[Watched], recent: &[String]) {
         let _ = writeln!(
             s,
             "{:<16} {:<12} {:>10} {:>6} {:>5.1}ms  {}",
-            w.target.name,
+            name,
             v.map_or("?", Verdict::name),
             generation,
             tamper,
@@ -511,23 +602,38 @@ fn draw_table(watched: &[Watched], recent: &[String]) {
     let _ = out.flush();
 }
 
-fn render_metrics(watched: &[Watched]) -> String {
+fn render_metrics(watched: &[(String, View)]) -> String {
     let round = metrics::Round::new();
-    for w in watched {
-        let name = &w.target.name;
-        let verdict = w.judge.verdict();
+    for (name, w) in watched {
+        let verdict = w.verdict.as_ref();
         let up = !matches!(verdict, Some(Verdict::Unreachable { .. }) | None);
         round.target(
             name,
             up,
-            &["healthy", "idle", "hung", "unreachable"],
+            Verdict::NAMES,
             verdict.map(|v| v.name()),
             w.poll_seconds,
         );
         if let Some(o) = &w.last {
             round.backdoor(name, o.generation, o.tamper_count);
             for c in &o.counters {
-                round.counter(name, &c.name(), c.counter.value);
+                let state = c.counter.state();
+                if state == Some(backdoor_abi::CounterState::Retired) {
+                    continue;
+                }
+                let labels = metrics::CounterLabels {
+                    target: name.clone(),
+                    hook: c.hook.clone(),
+                    slot: c.slot,
+                    counter: c.name(),
+                    owner: c.counter.owner,
+                    level: crate::poll::level_name(c),
+                };
+                round.counter(
+                    &labels,
+                    c.counter.value,
+                    state == Some(backdoor_abi::CounterState::Active),
+                );
             }
         }
         for (k, n) in &w.events {

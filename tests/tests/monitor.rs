@@ -52,6 +52,37 @@ fn a_hang_is_detected_within_the_deadline_plus_two_intervals() {
     );
 }
 
+#[test]
+fn a_blackholed_target_delays_nobody_elses_detection() {
+    let s = shop(&[]);
+    // Accepts connections (the kernel's backlog) and never answers: every
+    // poll of it waits out the whole 5 s timeout.
+    let dark = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dark_target = format!("dark@{}", dark.local_addr().unwrap());
+    let w = Watch::start(
+        &s.target(),
+        &s.keys,
+        &["--interval-ms", "50", "--timeout-ms", "5000", &dark_target],
+    );
+    w.verdict("healthy", T);
+    std::thread::sleep(Duration::from_millis(300));
+    let hung_at = Instant::now();
+    s.control(1);
+    let (seen, e) = w.wait("shop1 hung", T, |e| {
+        e["target"] == "shop1" && e["verdict"] == "hung"
+    });
+    assert_eq!(e["level"], "os", "{e}");
+    let latency = seen.duration_since(hung_at);
+    // Polled one after the other, each round would wait out the dark
+    // target's 5 s; on its own clock, shop1 is judged within its deadline
+    // + 2 intervals (plus slack for a loaded machine, well under 5 s).
+    assert!(
+        latency < Duration::from_millis(KERNEL_DEADLINE_MS + 2 * 50 + 3000),
+        "detected after {latency:?}"
+    );
+    drop(dark);
+}
+
 /// A shop guest and a healthy `bdctl watch` of it that extracts on a hang
 /// (into the shop's scratch directory).
 fn shop_watched_with_extract_on_hang() -> (bdvmm_tests::shop::Shop, Watch) {
@@ -430,8 +461,26 @@ fn config_file_metrics_and_on_hang_command_work_together() {
     }
     let body = scrape();
     assert!(
-        body.contains("bdctl_counter_value{target=\"shop1\",counter=\"kernel\"}"),
+        body.contains(
+            "bdctl_progress_value{target=\"shop1\",hook=\"progress\",slot=\"0\",counter=\"kernel\",owner=\"0\",level=\"os\"}"
+        ),
         "{body}"
+    );
+    // Real Prometheus tooling accepts it: families grouped, names by the
+    // conventions, every series unique.
+    let exposition = body.split_once("\r\n\r\n").expect("an HTTP reply").1;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package: tools/deps.sh ensure test)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), exposition.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {checked:?}\n{exposition}"
     );
     assert!(
         body.contains("bdctl_target_up{target=\"shop1\"} 1"),
