@@ -604,6 +604,21 @@ static void bd_hang_cpu(void *unused)
 		cpu_relax();
 }
 
+/* Whether the test-only trigger @what may hang this kernel now. */
+static int bd_hang_allowed(const char *what)
+{
+	if (!allow_hang) {
+		pr_err("%s refused: load the module with allow_hang=1 (test only)\n",
+		       what);
+		return -EPERM;
+	}
+	if (!READ_ONCE(bd_drv.ready)) {
+		pr_err("%s works only once the module is loaded\n", what);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 /*
  * Writing 1 to /sys/module/backdoor/parameters/hang_trigger stops every
  * CPU with interrupts off, the way a kernel deadlock does: the OS-level
@@ -620,14 +635,9 @@ static int bd_hang_set(const char *val, const struct kernel_param *kp)
 		pr_err("hang_trigger: write 1 to hang the kernel\n");
 		return -EINVAL;
 	}
-	if (!allow_hang) {
-		pr_err("hang_trigger refused: load the module with allow_hang=1 (test only)\n");
-		return -EPERM;
-	}
-	if (!READ_ONCE(bd_drv.ready)) {
-		pr_err("hang_trigger works only once the module is loaded\n");
-		return -EINVAL;
-	}
+	ret = bd_hang_allowed("hang_trigger");
+	if (ret)
+		return ret;
 	pr_emerg("test-only hang trigger: stopping every CPU with interrupts off\n");
 	preempt_disable();
 	smp_call_function(bd_hang_cpu, NULL, 0);
@@ -659,14 +669,9 @@ static int bd_hang_cpu_set(const char *val, const struct kernel_param *kp)
 		pr_err("hang_cpu: write the number of an online CPU\n");
 		return -EINVAL;
 	}
-	if (!allow_hang) {
-		pr_err("hang_cpu refused: load the module with allow_hang=1 (test only)\n");
-		return -EPERM;
-	}
-	if (!READ_ONCE(bd_drv.ready)) {
-		pr_err("hang_cpu works only once the module is loaded\n");
-		return -EINVAL;
-	}
+	ret = bd_hang_allowed("hang_cpu");
+	if (ret)
+		return ret;
 	pr_emerg("test-only hang trigger: stopping CPU %u with interrupts off\n",
 		 cpu);
 	/* Does not wait: the writer returns unless it runs on @cpu itself. */

@@ -93,6 +93,32 @@ impl HangLevel {
     }
 }
 
+/// A counter that stalled past its deadline, and where it lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stall {
+    /// Its level.
+    pub level: HangLevel,
+    /// Its name.
+    pub counter: String,
+    /// How long it has not moved, by the monitor's clock.
+    pub stalled_ms: u64,
+    /// Its deadline.
+    pub deadline_ms: u32,
+    /// Where it lives: its progress box and slot.
+    pub hook: String,
+    /// Its slot in that box.
+    pub slot: u32,
+    /// Its owner as the guest wrote it (a pid, a CPU, a session number).
+    pub owner: u32,
+}
+
+impl Stall {
+    /// The same counter at the same level (its growing stall is no news).
+    fn same(&self, o: &Self) -> bool {
+        (self.level, &self.hook, self.slot) == (o.level, &o.hook, o.slot)
+    }
+}
+
 /// A target's state after a poll.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "lowercase")]
@@ -125,20 +151,9 @@ pub enum Verdict {
     },
     /// A counter stalled past its deadline.
     Hung {
-        /// The most severe hung level.
-        level: HangLevel,
-        /// The counter that shows it.
-        counter: String,
-        /// How long it has not moved, by the monitor's clock.
-        stalled_ms: u64,
-        /// Its deadline.
-        deadline_ms: u32,
-        /// Where the counter lives: its progress box and slot.
-        hook: String,
-        /// Its slot in that box.
-        slot: u32,
-        /// Its owner as the guest wrote it (a pid, a session number).
-        owner: u32,
+        /// The stalled counter (the most severe level, the longest stall).
+        #[serde(flatten)]
+        stall: Stall,
         /// Whether it claimed the OS level it was not believed.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         claimed_os: bool,
@@ -147,18 +162,9 @@ pub enum Verdict {
     /// host CPU more than they ran and ran less than the deadline: the
     /// host starved the guest, it did not hang. Not acted on.
     Starved {
-        /// The stalled counter's level.
-        level: HangLevel,
-        /// The counter.
-        counter: String,
-        /// How long it has not moved.
-        stalled_ms: u64,
-        /// Its deadline.
-        deadline_ms: u32,
-        /// Where it lives.
-        hook: String,
-        /// Its slot.
-        slot: u32,
+        /// The stalled counter.
+        #[serde(flatten)]
+        stall: Stall,
         /// The most any vCPU thread ran in the stall.
         ran_ms: u64,
         /// The most any vCPU thread waited for a CPU in the stall.
@@ -217,30 +223,10 @@ impl Verdict {
     /// stall time is not a new situation).
     fn same(&self, other: &Self) -> bool {
         match (self, other) {
-            (
-                Self::Hung {
-                    level: a,
-                    hook: h1,
-                    slot: s1,
-                    ..
-                },
-                Self::Hung {
-                    level: b,
-                    hook: h2,
-                    slot: s2,
-                    ..
-                },
-            ) => a == b && h1 == h2 && s1 == s2,
+            (Self::Hung { stall: a, .. }, Self::Hung { stall: b, .. })
+            | (Self::Starved { stall: a, .. }, Self::Starved { stall: b, .. }) => a.same(b),
             (Self::Unreachable { .. }, Self::Unreachable { .. }) => true,
             (Self::Corrupt { hook: a, .. }, Self::Corrupt { hook: b, .. }) => a == b,
-            (
-                Self::Starved {
-                    hook: h1, slot: s1, ..
-                },
-                Self::Starved {
-                    hook: h2, slot: s2, ..
-                },
-            ) => h1 == h2 && s1 == s2,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
@@ -520,37 +506,35 @@ impl Judge {
             Some((level, stalled_ms, c, before)) => {
                 let deadline = Duration::from_millis(u64::from(c.counter.deadline_ms));
                 let now_sched = obs.sched.as_deref().map(Vec::as_slice);
-                let stall = Duration::from_millis(stalled_ms);
-                match host_view(
+                let view = host_view(
                     before.as_deref().map(Vec::as_slice),
                     now_sched,
                     deadline,
-                    stall,
-                ) {
+                    Duration::from_millis(stalled_ms),
+                );
+                let stall = Stall {
+                    level,
+                    counter: c.name(),
+                    stalled_ms,
+                    deadline_ms: c.counter.deadline_ms,
+                    hook: c.hook.clone(),
+                    slot: c.slot,
+                    owner: c.counter.owner,
+                };
+                match view {
                     HostView::Stopped(stopped_vcpus) => Verdict::StalledByHost {
                         counter: c.name(),
                         stalled_ms,
                         stopped_vcpus,
                     },
                     HostView::Starved { ran_ns, waited_ns } => Verdict::Starved {
-                        level,
-                        counter: c.name(),
-                        stalled_ms,
-                        deadline_ms: c.counter.deadline_ms,
-                        hook: c.hook.clone(),
-                        slot: c.slot,
+                        stall,
                         ran_ms: ran_ns / 1_000_000,
                         waited_ms: waited_ns / 1_000_000,
                         cpu_permille: (ran_ns / 1_000).saturating_div(stalled_ms.max(1)),
                     },
                     HostView::Ran => Verdict::Hung {
-                        level,
-                        counter: c.name(),
-                        stalled_ms,
-                        deadline_ms: c.counter.deadline_ms,
-                        hook: c.hook.clone(),
-                        slot: c.slot,
-                        owner: c.counter.owner,
+                        stall,
                         claimed_os: c.claimed_os,
                     },
                 }
@@ -791,13 +775,15 @@ mod tests {
         assert_eq!(
             verdict_of(&ev),
             Some(&Verdict::Hung {
-                level: HangLevel::Os,
-                counter: "kernel".into(),
-                stalled_ms: 110,
-                deadline_ms: 100,
-                hook: "progress".into(),
-                slot: 0,
-                owner: 0,
+                stall: Stall {
+                    level: HangLevel::Os,
+                    counter: "kernel".into(),
+                    stalled_ms: 110,
+                    deadline_ms: 100,
+                    hook: "progress".into(),
+                    slot: 0,
+                    owner: 0,
+                },
                 claimed_os: false,
             })
         );
@@ -977,13 +963,16 @@ mod tests {
         assert!(matches!(
             verdict_of(&ev),
             Some(Verdict::Hung {
-                level: HangLevel::Application,
+                stall: Stall {
+                    level: HangLevel::Application,
+                    ..
+                },
                 ..
             })
         ));
         let ev = j.observe(t0 + Duration::from_millis(60), Ok(&obs(1, 0, cs)));
         assert!(
-            matches!(verdict_of(&ev), Some(Verdict::Hung { level: HangLevel::Os, counter, .. }) if counter == "kernel")
+            matches!(verdict_of(&ev), Some(Verdict::Hung { stall: Stall { level: HangLevel::Os, counter, .. }, .. }) if counter == "kernel")
         );
     }
 
@@ -1004,7 +993,7 @@ mod tests {
         j.observe(t0 + Duration::from_millis(40), Ok(&obs(1, 0, at(1, 2))));
         let ev = j.observe(t0 + Duration::from_millis(80), Ok(&obs(1, 0, at(1, 3))));
         assert!(
-            matches!(verdict_of(&ev), Some(Verdict::Hung { counter, slot: 1, owner: 77, .. }) if counter == "worker"),
+            matches!(verdict_of(&ev), Some(Verdict::Hung { stall: Stall { counter, slot: 1, owner: 77, .. }, .. }) if counter == "worker"),
             "{ev:?}"
         );
     }

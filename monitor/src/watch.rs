@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use backdoor_proto::{Client, Role};
 use serde_json::json;
 
-use crate::judge::{Event, Judge, Observation, Verdict};
+use crate::judge::{Event, Judge, Observation, Stall, Verdict};
 use crate::metrics::{self, Exposition};
 use crate::target::Target;
 use crate::{extract, poll};
@@ -544,12 +544,16 @@ fn draw_table(watched: &[(String, View)], recent: &[String]) {
         let v = w.verdict.as_ref();
         let detail = match v {
             Some(Verdict::Hung {
-                level,
-                counter,
-                stalled_ms,
-                deadline_ms,
-                hook,
-                slot,
+                stall:
+                    Stall {
+                        level,
+                        counter,
+                        stalled_ms,
+                        deadline_ms,
+                        hook,
+                        slot,
+                        ..
+                    },
                 ..
             }) => format!(
                 "{level:?} counter {counter} ({hook} slot {slot}) stalled {stalled_ms} ms > {deadline_ms} ms"
@@ -558,8 +562,11 @@ fn draw_table(watched: &[(String, View)], recent: &[String]) {
             Some(Verdict::Corrupt { hook, reason }) => format!("progress box {hook}: {reason}"),
             Some(Verdict::Starting { waited_ms }) => format!("no counter yet ({waited_ms} ms)"),
             Some(Verdict::Starved {
-                counter,
-                stalled_ms,
+                stall: Stall {
+                    counter,
+                    stalled_ms,
+                    ..
+                },
                 ran_ms,
                 waited_ms,
                 ..

@@ -420,19 +420,20 @@ fn a_guest_that_reboots_and_never_registers_is_lost_never_idle() {
 /// milliseconds now and then, with gaps of a second and more).
 struct Starver(std::process::Child);
 
+/// Runs a scheduling tool (util-linux) that must succeed.
+fn sched_tool(tool: &str, args: &[&str]) {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+}
+
 impl Starver {
     fn start(tid: i64) -> Self {
         let tid = tid.to_string();
-        for (tool, args) in [
-            ("taskset", vec!["-p", "-c", "0", &tid]),
-            ("chrt", vec!["--idle", "-p", "0", &tid]),
-        ] {
-            let out = std::process::Command::new(tool)
-                .args(&args)
-                .output()
-                .unwrap_or_else(|e| panic!("{tool}: {e}"));
-            assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-        }
+        sched_tool("taskset", &["-p", "-c", "0", &tid]);
+        sched_tool("chrt", &["--idle", "-p", "0", &tid]);
         let hog = std::process::Command::new("taskset")
             .args(["-c", "0", "sh", "-c", "while :; do :; done"])
             .spawn()
@@ -446,16 +447,8 @@ impl Starver {
     /// hog (a tenth of the CPU or so: throttled, no longer starved).
     fn ease(tid: i64) {
         let tid = tid.to_string();
-        for (tool, args) in [
-            ("chrt", vec!["--other", "-p", "0", &tid]),
-            ("renice", vec!["-n", "10", "-p", &tid]),
-        ] {
-            let out = std::process::Command::new(tool)
-                .args(&args)
-                .output()
-                .unwrap_or_else(|e| panic!("{tool}: {e}"));
-            assert!(out.status.success(), "{tool} {args:?}: {out:?}");
-        }
+        sched_tool("chrt", &["--other", "-p", "0", &tid]);
+        sched_tool("renice", &["-n", "10", "-p", &tid]);
     }
 }
 

@@ -459,14 +459,20 @@ fn start_primary(
     }
 }
 
-/// The counters `bdctl status --json` reports: name → (level, value).
-fn counters(target: &str, keyfile: &str) -> BTreeMap<String, (String, u64)> {
+/// The counters `bdctl status --json` reports.
+fn status_counters(target: &str, keyfile: &str) -> Vec<serde_json::Value> {
     let (code, out, err) = bdctl(&["status", target, "--key-file", keyfile, "--json"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
-    v["counters"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no counters in {v}"))
+    let mut v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
+    match v["counters"].take() {
+        serde_json::Value::Array(c) => c,
+        _ => panic!("no counters in {v}"),
+    }
+}
+
+/// The counters `bdctl status --json` reports: name → (level, value).
+fn counters(target: &str, keyfile: &str) -> BTreeMap<String, (String, u64)> {
+    status_counters(target, keyfile)
         .iter()
         .map(|c| {
             (
@@ -687,12 +693,7 @@ fn guest_image_hang_is_detected_extracted_and_resumed() {
 /// The driver's per-CPU OS-level counters `bdctl status --json` reports
 /// (each named "kernel", owned by its CPU): owner → (state, value).
 fn cpu_counters(target: &str, keyfile: &str) -> BTreeMap<u64, (String, u64)> {
-    let (code, out, err) = bdctl(&["status", target, "--key-file", keyfile, "--json"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("status --json");
-    v["counters"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no counters in {v}"))
+    status_counters(target, keyfile)
         .iter()
         .filter(|c| c["name"] == "kernel" && c["level"] == "os")
         .map(|c| {
