@@ -254,8 +254,10 @@ impl Agent {
     fn public_descriptor(&self, role: Role) -> Vec<u8> {
         let mut d = Descriptor::clone(&self.view(role));
         d.tamper_count = self.source.tamper_count();
-        let public =
-            PublicDescriptor::new(&self.vm, &d, role, self.backends(), self.source.vmm_alive());
+        let public = PublicDescriptor {
+            sched: self.vcpus.is_some(),
+            ..PublicDescriptor::new(&self.vm, &d, role, self.backends(), self.source.vmm_alive())
+        };
         serde_json::to_vec(&public).unwrap_or_default()
     }
 

@@ -319,13 +319,16 @@ fn host_view(
             runnable |= t.state == "R";
         }
     }
-    // A vCPU that ran a whole deadline and did not move its counter is
-    // stuck, however slowly the host gave it that time; one that ran
-    // less while it waited more (or is waiting still, runnable, having
-    // run under half the stall) was starved. A halted vCPU sleeps: it
-    // neither runs nor waits, and is stuck.
+    // Starved: it barely ran (under a tenth of the stall, and less than
+    // a deadline) because it waited for a CPU (or is waiting still,
+    // runnable). A guest the host merely slows (a loaded host gives it a
+    // quarter of a CPU) still ran more than that: a stall is then a hang,
+    // as is any stall after a whole deadline of CPU, however slowly the
+    // host gave it. A halted vCPU sleeps: it neither runs nor waits, and
+    // is stuck.
     let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-    if ran < ns(deadline) && (waited > ran || (runnable && ran < ns(stalled) / 2)) {
+    let barely_ran = ran < ns(deadline) && ran.saturating_mul(10) < ns(stalled);
+    if barely_ran && (waited > ran || runnable) {
         HostView::Starved {
             ran_ns: ran,
             waited_ns: waited,

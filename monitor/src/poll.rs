@@ -62,12 +62,10 @@ pub fn observe_counters(client: &mut Client) -> Result<Observation, ClientError>
         }
     }
     // The host's view of the vCPU threads, if this agent's VMM gives it
-    // (an agent serving a memfd without a VMM does not).
-    let sched = match client.sched() {
-        Ok(r) => Some(std::sync::Arc::new(r.vcpus)),
-        Err(e) if e.code().is_some() => None,
-        Err(e) => return Err(e),
-    };
+    // (an agent serving a memfd without a VMM does not: asked once).
+    let sched = client
+        .sched_if_served()?
+        .map(|r| std::sync::Arc::new(r.vcpus));
     Ok(Observation {
         generation: d.generation,
         tamper_count: d.tamper_count,

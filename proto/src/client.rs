@@ -94,6 +94,9 @@ pub struct Client {
     next_id: u32,
     descriptor: PublicDescriptor,
     busy_poll: Duration,
+    /// The agent answered SCHED with UNSUPPORTED (it serves no VMM): not
+    /// asked again on this connection.
+    no_sched: bool,
     #[cfg(feature = "verbs")]
     verbs: Option<Verbs>,
 }
@@ -189,6 +192,7 @@ impl Client {
             next_id: 1,
             descriptor,
             busy_poll: DEFAULT_CLIENT_BUSY_POLL,
+            no_sched: false,
             #[cfg(feature = "verbs")]
             verbs: None,
         })
@@ -481,6 +485,22 @@ impl Client {
             Msg::SchedInfo(json) => serde_json::from_slice(&json)
                 .map_err(|e| ClientError::Protocol(format!("bad scheduling report: {e}"))),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`Client::sched`], or None without asking an agent that does not
+    /// serve it (its descriptor says so, or it said UNSUPPORTED once).
+    pub fn sched_if_served(&mut self) -> Result<Option<crate::sched::SchedReport>, ClientError> {
+        if self.no_sched || !self.descriptor.sched {
+            return Ok(None);
+        }
+        match self.sched() {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.code() == Some(ErrorCode::Unsupported) => {
+                self.no_sched = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -40,6 +40,10 @@ pub struct PublicDescriptor {
     pub hooks: Vec<PublicHook>,
     /// Whether the VMM is still connected (false once a separate agent outlives it).
     pub vmm_alive: bool,
+    /// Whether the agent answers SCHED (it serves a VMM's vCPUs; absent,
+    /// as from an agent that predates SCHED, reads false).
+    #[serde(default)]
+    pub sched: bool,
 }
 
 impl PublicDescriptor {
@@ -70,6 +74,7 @@ impl PublicDescriptor {
                 })
                 .collect(),
             vmm_alive,
+            sched: false,
         }
     }
 

@@ -475,9 +475,9 @@ fn a_guest_the_host_starves_is_starved_never_hung_and_a_real_hang_is_still_hung(
     let tid = vcpu0_tid(&s.vm);
     let starver = Starver::start(tid);
     let (_, e) = w.verdict("starved", T);
-    // It ran less than its deadline, and under half the stall.
+    // It ran less than its deadline, and under a tenth of the stall.
     assert!(e["ran_ms"].as_u64() < e["deadline_ms"].as_u64(), "{e}");
-    assert!(e["cpu_permille"].as_u64() < Some(500), "{e}");
+    assert!(e["cpu_permille"].as_u64() < Some(100), "{e}");
     // A while of it: the guest is slow, not hung.
     let seen = w.collect(Duration::from_secs(3));
     assert!(
