@@ -53,6 +53,10 @@
 # The command line: console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k
 # panic=1 (a failed /init panics and bdvmm exits 12), backdoor.allow_hang=1
 # (the module's test-only /sys/module/backdoor/parameters/hang_trigger),
+# backdoor.os_deadline_ms=3000 (a CPU printing a kernel message to the
+# serial console holds interrupts off for the whole line, which under the
+# lab's nested emulation takes up to a second: the module's 1 s default
+# would call that CPU hung),
 # then bdimg.role=... and the role's options (bdimg.sessions,
 # bdimg.hang_after, bdimg.expect), read by /init (initramfs/bdimg-init.sh,
 # which documents them and the "BDIMG: " console lines it prints).
@@ -405,7 +409,7 @@ main() {
 	[[ $hang_after =~ ^[0-9]{1,5}$ ]] || die "--hang-after wants whole seconds, not '$hang_after'"
 
 	cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1"
-	cmdline+=" backdoor.allow_hang=1 bdimg.role=$role"
+	cmdline+=" backdoor.allow_hang=1 backdoor.os_deadline_ms=3000 bdimg.role=$role"
 	if [[ $role == primary ]]; then
 		cmdline+=" bdimg.sessions=$sessions"
 		((hang_after == 0)) || cmdline+=" bdimg.hang_after=$hang_after"

@@ -125,9 +125,9 @@ pub trait VcpuSource: Send + Sync {
 #[derive(Debug, Default)]
 pub struct PushedVcpus {
     last: Mutex<Option<(serde_json::Value, std::time::Instant)>>,
-    /// The VMM's process (0: unknown), whose vCPU threads the agent reads
-    /// itself: a stopped or dead VMM pushes nothing.
-    vmm_pid: u32,
+    /// The VMM's process (0: unknown or gone), whose vCPU threads the
+    /// agent reads itself: a stopped or dead VMM pushes nothing.
+    vmm_pid: std::sync::atomic::AtomicU32,
 }
 
 impl PushedVcpus {
@@ -135,8 +135,13 @@ impl PushedVcpus {
     pub fn of_pid(pid: u32) -> Self {
         Self {
             last: Mutex::default(),
-            vmm_pid: pid,
+            vmm_pid: pid.into(),
         }
+    }
+
+    /// The VMM's link closed: its pid may be another process's soon.
+    pub fn vmm_gone(&self) {
+        self.vmm_pid.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the report.
@@ -159,7 +164,7 @@ impl VcpuSource for PushedVcpus {
     fn sched(&self) -> Option<serde_json::Value> {
         // Read from the host, not from what the VMM pushed: a VMM that is
         // stopped or dead pushes nothing.
-        (self.vmm_pid != 0)
-            .then(|| crate::sched::report(self.vmm_pid, &crate::sched::vcpu_threads(self.vmm_pid)))
+        let pid = self.vmm_pid.load(std::sync::atomic::Ordering::Relaxed);
+        (pid != 0).then(|| crate::sched::report(pid, &crate::sched::vcpu_threads(pid)))
     }
 }

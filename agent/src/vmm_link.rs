@@ -265,6 +265,7 @@ fn admit_vmm(stream: UnixStream) -> Result<Accepted, LinkError> {
         }
         tracing::warn!("the VMM is gone; serving its last hook table from the guest memory this agent holds");
         follower.vmm_gone();
+        vcpu_follower.vmm_gone();
     })?;
     Ok((hello.vm, mem, table, vcpus))
 }
