@@ -123,7 +123,8 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
             .spawn(move || poll_loop(target, &opts, &view, &tx))?;
     }
     drop(tx);
-    let mut pending_actions = 0usize;
+    // Signed: an action's report may arrive before the event that started it.
+    let mut pending_actions: i64 = 0;
     let mut finished = 0usize;
     let mut hang_seen = false;
     let mut recent: Vec<String> = Vec::new();
@@ -135,11 +136,11 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
         match rx.recv_timeout(tick) {
             Ok(Report::Event { v, hang, actions }) => {
                 hang_seen |= hang;
-                pending_actions += actions;
+                pending_actions += i64::try_from(actions).unwrap_or(i64::MAX);
                 emit(&v, opts.json, table, &mut recent);
             }
             Ok(Report::ActionDone(v)) => {
-                pending_actions = pending_actions.saturating_sub(1);
+                pending_actions -= 1;
                 emit(&v, opts.json, table, &mut recent);
             }
             Ok(Report::Finished) => finished += 1,
@@ -160,7 +161,7 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
             draw_table(&snapshot(), &recent);
             last_draw = Instant::now();
         }
-        if opts.exit_on_hang && hang_seen && pending_actions == 0 {
+        if opts.exit_on_hang && hang_seen && pending_actions <= 0 {
             // The hang's actions (extraction, commands) have finished.
             if table {
                 draw_table(&snapshot(), &recent);
