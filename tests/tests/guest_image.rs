@@ -757,9 +757,14 @@ fn guest_image_one_stuck_cpu_is_an_os_hang_that_names_the_cpu() {
     p.vm.send_console("cpu-offline 1\n");
     p.vm.wait_line("BDIMG: CPU 1 online=0", T);
     wait_cpu_counter(&p.target, keyfile, 1, "retired");
+    // (Taking a CPU down stops every CPU for a moment, which the lab's
+    // emulation stretches past an application's 1 s deadline: only the
+    // offline CPU's own counter is the question here.)
     let quiet = w.collect(Duration::from_millis(2 * OS_DEADLINE_MS));
     assert!(
-        !quiet.iter().any(|e| e["verdict"] == "hung"),
+        !quiet
+            .iter()
+            .any(|e| e["verdict"] == "hung" && e["level"] == "os" && e["owner"] == 1),
         "an offline CPU was judged hung: {quiet:?}"
     );
     p.vm.send_console("cpu-online 1\n");
