@@ -128,10 +128,11 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
     let mut finished = 0usize;
     let mut hang_seen = false;
     let mut recent: Vec<String> = Vec::new();
-    let mut last_draw = Instant::now() - Duration::from_secs(1);
     let tick = opts
         .interval
         .clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let mut last_draw = Instant::now() - Duration::from_secs(1);
+    let mut last_metrics = Instant::now() - tick;
     loop {
         match rx.recv_timeout(tick) {
             Ok(Report::Event { v, hang, actions }) => {
@@ -154,12 +155,20 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
                 .map(|(n, v)| (n.clone(), lock(v).clone()))
                 .collect()
         };
-        if opts.metrics.is_some() {
-            exposition.set(render_metrics(&snapshot()));
-        }
-        if table && last_draw.elapsed() >= Duration::from_millis(250) {
-            draw_table(&snapshot(), &recent);
-            last_draw = Instant::now();
+        // Once a tick at most, not once per report: every target's view
+        // is copied for it.
+        let metrics_due = opts.metrics.is_some() && last_metrics.elapsed() >= tick;
+        let table_due = table && last_draw.elapsed() >= Duration::from_millis(250);
+        if metrics_due || table_due {
+            let now = snapshot();
+            if metrics_due {
+                exposition.set(render_metrics(&now));
+                last_metrics = Instant::now();
+            }
+            if table_due {
+                draw_table(&now, &recent);
+                last_draw = Instant::now();
+            }
         }
         if opts.exit_on_hang && hang_seen && pending_actions <= 0 {
             // The hang's actions (extraction, commands) have finished.
@@ -189,16 +198,6 @@ fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc:
         described: None,
         judge: Judge::with_grace(opts.grace),
     };
-    let (done_tx, done_rx) = mpsc::channel::<serde_json::Value>();
-    let forward = tx.clone();
-    // Hang actions report here; they outlive nothing but this watch.
-    std::thread::spawn(move || {
-        for v in done_rx {
-            if forward.send(Report::ActionDone(v)).is_err() {
-                return;
-            }
-        }
-    });
     let mut polls = 0u64;
     let mut next = Instant::now();
     let mut backoff = opts.interval;
@@ -242,7 +241,7 @@ fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc:
                 } else {
                     None
                 };
-                actions = run_actions(&w.target, &v, opts, &done_tx, held);
+                actions = run_actions(&w.target, &v, opts, tx, held);
             }
             if tx.send(Report::Event { v, hang, actions }).is_err() {
                 return;
@@ -399,7 +398,7 @@ fn run_actions(
     target: &Target,
     event: &serde_json::Value,
     opts: &WatchOptions,
-    done: &mpsc::Sender<serde_json::Value>,
+    done: &mpsc::Sender<Report>,
     held: Option<Client>,
 ) -> usize {
     let evidence = opts.evidence_dir.is_some();
@@ -422,7 +421,7 @@ fn run_actions(
                     json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
                 }
             };
-            let _ = done.send(v);
+            let _ = done.send(Report::ActionDone(v));
         }
         let on_hang = opts.on_hang.clone().map(|cmd| {
             let (event, target, done) = (event.clone(), target.clone(), done.clone());
@@ -445,7 +444,7 @@ fn run_actions(
                         json!({"event": "action_failed", "target": target.name, "error": backdoor_abi::ErrorChain(&e).to_string(), "ts_unix_ms": now_ms()})
                     }
                 };
-                let _ = done.send(v);
+                let _ = done.send(Report::ActionDone(v));
             })
         });
         if let Some(dir) = &opts.extract_on_hang {
@@ -460,7 +459,7 @@ fn run_actions(
                     json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
                 }
             };
-            let _ = done.send(v);
+            let _ = done.send(Report::ActionDone(v));
         }
         if let Some(t) = on_hang {
             let _ = t.join();
