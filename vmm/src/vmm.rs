@@ -161,13 +161,17 @@ impl VcpuReporter {
 }
 
 impl VcpuReporter {
-    /// The current VM's vCPUs, kicked for fresh registers if `fresh`.
-    fn report(&self, fresh: bool) -> Option<serde_json::Value> {
-        let control = self
-            .current
+    /// The running machine's control, if a boot is running.
+    fn control(&self) -> Option<Arc<VmControl>> {
+        self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
+            .clone()
+    }
+
+    /// The current VM's vCPUs, kicked for fresh registers if `fresh`.
+    fn report(&self, fresh: bool) -> Option<serde_json::Value> {
+        let control = self.control()?;
         let reply = crate::api::Reply::Vcpus(control.vcpus_report(fresh));
         serde_json::to_value(reply.line()).ok()
     }
@@ -179,12 +183,7 @@ impl backdoor_agent::VcpuSource for VcpuReporter {
     }
 
     fn sched(&self) -> Option<serde_json::Value> {
-        let control = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
-        Some(control.sched())
+        Some(self.control()?.sched())
     }
 }
 
