@@ -434,9 +434,10 @@ static int bd_register_all(u32 features)
 				  BD_KIND_STATE_BOX, BD_PERM_READ);
 	if (!ret && bd_drv.inbox) {
 		if (features & BD_FEATURE_REPAIR) {
+			/* ATOMIC: a monitor claims the inbox by CAS of its fence word. */
 			ret = bd_register("inbox", bd_drv.inbox,
 					  bd_drv.inbox_len, BD_KIND_REPAIR,
-					  BD_PERM_READ | BD_PERM_WRITE);
+					  BD_PERM_ALL);
 		} else {
 			pr_notice("the device offers no REPAIR hooks: no inbox\n");
 			free_pages_exact(bd_drv.inbox, bd_drv.inbox_len);

@@ -22,16 +22,19 @@ set -euo pipefail
 readonly PROG=${0##*/}
 
 # gcc, libc6-dev, make: the test guests and the C checks; python3: the
-# initramfs writer and demo.sh's final check.
-readonly DEMO=(gcc libc6-dev make python3)
+# initramfs writer and demo.sh's final check; protobuf-compiler,
+# libprotobuf-dev: etcd-client's build (bdctl's cluster mode speaks etcd's
+# gRPC API, generated from its .proto files at build time).
+readonly DEMO=(gcc libc6-dev make python3 protobuf-compiler libprotobuf-dev)
 # xz-utils: kernel extraction; util-linux: unshare/setpriv (the /dev/kvm
 # error tests) and flock; cpio; iproute2: network namespaces (the cut-link
 # test); kmod: depmod for the guest kernel's modules; linux-headers-amd64,
 # sparse: `make module` (W=1, C=1); linux-source: checkpatch.pl (`make
 # checkpatch`); cmake..libibverbs-dev: the RDMA verbs backend;
-# prometheus: promtool, which checks what `bdctl watch --metrics` serves.
+# prometheus: promtool, which checks what `bdctl watch --metrics` serves;
+# etcd-server: the real etcd the cluster tests start on loopback.
 readonly TEST=(xz-utils util-linux cpio iproute2 kmod linux-headers-amd64 sparse linux-source
-	cmake pkg-config libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev prometheus)
+	cmake pkg-config libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev prometheus etcd-server)
 # qemu-system-x86: L1 (TCG with nested SVM); busybox-static: L1's
 # initramfs; dkms: the dkms install test; ibverbs-providers (rxe),
 # ibverbs-utils, perftest (ib_read_lat): Soft-RoCE inside L1, which runs

@@ -15,12 +15,12 @@ use bdctl::judge::{Judge, Verdict};
 use bdctl::poll;
 use serde_json::json;
 
-use crate::fake_guest::{self, hook};
 use crate::plot::Series;
 use crate::remote_reads::met;
 use crate::report::{Figure, Section};
 use crate::stats::Dist;
 use crate::Ctx;
+use bdvmm_tests::fake_guest::{self, hook};
 
 const PAIRS: [(u32, u64); 3] = [(100, 10), (100, 50), (500, 100)];
 
@@ -75,7 +75,7 @@ fn detect_once(
 }
 
 /// Polls per second one thread sustains over `conns` connections to `addr`.
-fn capacity(addr: std::net::SocketAddr, conns: usize, window: Duration) -> f64 {
+pub(crate) fn capacity(addr: std::net::SocketAddr, conns: usize, window: Duration) -> f64 {
     let mut targets: Vec<Client> = (0..conns).map(|_| fake_guest::connect(addr)).collect();
     let mut judges: Vec<Judge> = (0..conns).map(|_| Judge::new()).collect();
     let t = Instant::now();

@@ -12,10 +12,10 @@ use bdctl::kernel::printk::{self, synth, KernelMemory};
 use bdctl::kernel::{kernel_log, KernelFiles};
 use serde_json::json;
 
-use crate::fake_guest;
 use crate::report::{Figure, Section};
 use crate::stats::Dist;
 use crate::Ctx;
+use bdvmm_tests::fake_guest;
 
 /// Guest RAM of the fake guest (a 1-GiB guest, as in section 5).
 const RAM: u64 = 1 << 30;

@@ -6,7 +6,6 @@
 pub mod affinity;
 pub mod detection;
 pub mod extraction;
-pub mod fake_guest;
 pub mod frame_crypto;
 pub mod kernel_log;
 pub mod machine;

@@ -64,11 +64,11 @@ mod measure {
     use backdoor_abi::HookKind;
     use serde_json::json;
 
-    use crate::fake_guest::{self, hook};
     use crate::plot::Series;
     use crate::report::{Figure, Section};
     use crate::stats::Dist;
     use crate::Ctx;
+    use bdvmm_tests::fake_guest::{self, hook};
 
     /// The IPv4 address of the netdev under `device` (Soft-RoCE's), for
     /// perftest's client to connect to.
@@ -146,11 +146,14 @@ mod measure {
     /// Measures on `device` into `sec`.
     pub(super) fn run(ctx: &Ctx, sec: &mut Section, device: &str, n: usize) {
         let mem = fake_guest::ram(1 << 20);
-        let addr = fake_guest::serve_with_verbs(
+        let verbs = backdoor_agent::verbs::VerbsBackend::open(mem.clone(), Some(device))
+            .expect("open the RDMA device for the agent");
+        let agent = fake_guest::agent(
             mem,
             vec![hook(1, 0, 64 << 10, HookKind::ProgressBox, "progress")],
-            Some(device),
+            None,
         );
+        let addr = fake_guest::start(agent.with_verbs(std::sync::Arc::new(verbs)));
         let mut soft = fake_guest::connect(addr);
         let mut verbs = fake_guest::connect(addr);
         verbs

@@ -11,12 +11,12 @@ use backdoor_abi::HookKind;
 use backdoor_agent::wire::{spin_until_readable, BatchEntry};
 use serde_json::json;
 
-use crate::fake_guest::{self, hook};
 use crate::frame_crypto;
 use crate::plot::Series;
 use crate::report::{Figure, Section};
 use crate::stats::Dist;
 use crate::Ctx;
+use bdvmm_tests::fake_guest::{self, hook};
 
 /// Round trips of 8 bytes over a plain loopback TCP connection, both ends
 /// blocking, or both ends busy-polling (the floor the agent's busy-poll aims at).

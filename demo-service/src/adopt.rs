@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use backdoor_guest::{Inbox, Problem, Record};
+use backdoor_abi::inbox::Admit;
+use backdoor_guest::{FenceBook, Inbox, Problem, Record};
 use serde::Deserialize;
 
 use crate::store::{Adopted, Store};
@@ -107,6 +108,9 @@ pub struct Report {
     pub foreign: usize,
     /// Refused (each logged with its reason).
     pub rejected: usize,
+    /// Hand-overs refused whole: older than one already taken from the
+    /// same source (a monitor that lost its incident, delivering late).
+    pub fenced: usize,
 }
 
 /// Adopts `records` into `store`, logging each refusal with its reason.
@@ -173,8 +177,22 @@ pub fn from_file(store: &mut Store, path: &Path) -> Result<Report, FileError> {
 }
 
 /// Adopts what the inbox holds for the store's service (idempotent: a
-/// session already held at that version is left alone).
-pub fn from_inbox(store: &mut Store, inbox: &Inbox) -> Report {
+/// session already held at that version is left alone), unless the
+/// hand-over is older than one `fences` says was taken from its source.
+pub fn from_inbox(store: &mut Store, inbox: &Inbox, fences: &mut FenceBook) -> Report {
+    if let Some(h) = inbox.handover() {
+        if let Admit::Stale { took } = fences.admit(&h) {
+            tracing::warn!(
+                "inbox: refused the hand-over from {:?}: its fencing token {} is older than {took}, already taken from it",
+                h.source,
+                h.token
+            );
+            return Report {
+                fenced: 1,
+                ..Report::default()
+            };
+        }
+    }
     let scan = inbox.scan(store.service());
     let mut report = adopt_all(
         store,

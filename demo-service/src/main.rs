@@ -118,7 +118,8 @@ fn serve(a: &ServeArgs) -> Result<u8, String> {
         let inbox = Inbox::map(&dev)
             .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?
             .ok_or_else(|| format!("{} has no inbox", dev.describe()))?;
-        let r = adopt::from_inbox(&mut store, &inbox);
+        let mut fences = backdoor_guest::FenceBook::default();
+        let r = adopt::from_inbox(&mut store, &inbox, &mut fences);
         tracing::info!(
             "inbox ({} slots of {} bytes): {} delivered, {} adopted",
             inbox.capacity(),
@@ -126,7 +127,7 @@ fn serve(a: &ServeArgs) -> Result<u8, String> {
             inbox.delivered(),
             r.new + r.updated
         );
-        Some(inbox)
+        Some((inbox, fences))
     } else {
         None
     };

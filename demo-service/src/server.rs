@@ -32,7 +32,7 @@ pub fn run(
     store: Shared,
     listener: TcpListener,
     app: Counter,
-    inbox: Option<Inbox>,
+    inbox: Option<(Inbox, backdoor_guest::FenceBook)>,
     tick: Duration,
 ) -> std::io::Result<()> {
     let live = Arc::new(AtomicUsize::new(0));
@@ -42,18 +42,19 @@ pub fn run(
             .name("accept".into())
             .spawn(move || accept_loop(&listener, &store, &live))?;
     }
-    let mut seen = inbox.as_ref().map_or(0, Inbox::delivered);
+    let mut inbox = inbox;
+    let mut seen = inbox.as_ref().map_or(0, |(i, _)| i.delivered());
     loop {
         app.bump();
         let n = lock(&store).len();
-        if let Some(inbox) = &inbox {
+        if let Some((inbox, fences)) = &mut inbox {
             let bell = inbox.delivered();
             if bell != seen {
                 seen = bell;
-                let r = adopt::from_inbox(&mut lock(&store), inbox);
+                let r = adopt::from_inbox(&mut lock(&store), inbox, fences);
                 tracing::info!(
-                    "inbox: doorbell {bell}: {} new, {} updated, {} already held, {} rejected, {} of other services",
-                    r.new, r.updated, r.current, r.rejected, r.foreign
+                    "inbox: doorbell {bell}: {} new, {} updated, {} already held, {} rejected, {} of other services, {} hand-overs fenced off",
+                    r.new, r.updated, r.current, r.rejected, r.foreign, r.fenced
                 );
             }
         }

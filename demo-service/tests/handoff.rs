@@ -99,7 +99,8 @@ fn sessions_arrive_through_the_inbox_with_bdctl_resume() {
     // The running instance sees the doorbell and adopts them.
     c.wait_log("inbox: doorbell 2: 2 new");
     assert_eq!(check(&c, &expect), 2);
-    // A second hand-off into the same inbox is refused by bdctl.
+    // A second hand-off into the same inbox is refused by bdctl: the
+    // inbox is claimed by the first (a driver's inbox takes one).
     let again = bdctl(&[
         "resume",
         &served.target,
@@ -115,7 +116,7 @@ fn sessions_arrive_through_the_inbox_with_bdctl_resume() {
     assert!(again
         .unwrap_err()
         .to_string()
-        .contains("already holds 2 records"));
+        .contains("fenced off: the inbox is claimed by fencing token 1"));
     // Restarted, it finds them in its own area (and the inbox again: no-op).
     c.kill9();
     let c = Server::start(&state, &["--inbox"]);

@@ -1,6 +1,9 @@
 //! The inbox: a REPAIR hook a repair monitor fills with `bdctl resume`
-//! (records in slots from offset 64, then the doorbell at offset 8, last).
-//! Mapped read-only: the application only adopts what was delivered.
+//! (it claims the fence word at offset 16 with its fencing token, writes
+//! the source name at 24 and records in slots from offset 64, then the
+//! doorbell at offset 8, last). Mapped read-only: the application only
+//! adopts what was delivered, and refuses a hand-over older than one it
+//! took from the same source ([`FenceBook`]).
 
 use std::sync::atomic::Ordering;
 
@@ -12,9 +15,37 @@ use crate::service::{scan_outcomes, Scan, READ_RETRIES};
 use crate::Error;
 
 /// Offset of the doorbell: records delivered so far.
-pub const DOORBELL_OFFSET: usize = 8;
+pub const DOORBELL_OFFSET: usize = backdoor_abi::inbox::DOORBELL;
 /// Offset of the first record slot.
-pub const RECORDS_OFFSET: usize = 64;
+pub const RECORDS_OFFSET: usize = backdoor_abi::inbox::RECORDS;
+
+/// Who delivered the inbox's hand-over, and under which fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// The claim's fencing token (0: unclaimed, an inbox filled by a
+    /// monitor older than the fence).
+    pub token: u64,
+    /// The source (the hung target's name).
+    pub source: String,
+}
+
+/// The newest fencing token taken from each source, so that a monitor
+/// that lost its incident and delivers late is refused.
+#[derive(Debug, Default, Clone)]
+pub struct FenceBook {
+    newest: std::collections::BTreeMap<String, u64>,
+}
+
+impl FenceBook {
+    /// Whether to take `h`; a hand-over taken is booked.
+    pub fn admit(&mut self, h: &Handover) -> backdoor_abi::inbox::Admit {
+        let verdict = backdoor_abi::inbox::admit(h.token, self.newest.get(&h.source).copied());
+        if verdict == backdoor_abi::inbox::Admit::Take {
+            self.newest.insert(h.source.clone(), h.token);
+        }
+        verdict
+    }
+}
 
 /// The driver's inbox, mapped read-only.
 #[derive(Debug)]
@@ -55,6 +86,29 @@ impl Inbox {
         self.map
             .word(DOORBELL_OFFSET)
             .map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// The hand-over's source and token, once the doorbell rang.
+    pub fn handover(&self) -> Option<Handover> {
+        if self.delivered() == 0 {
+            return None;
+        }
+        let token = self
+            .map
+            .word(backdoor_abi::inbox::FENCE)
+            .map_or(0, |w| w.load(Ordering::Acquire));
+        let mut raw = Vec::with_capacity(backdoor_abi::inbox::SOURCE_LEN);
+        for k in 0..backdoor_abi::inbox::SOURCE_LEN / 8 {
+            let w = self
+                .map
+                .word(backdoor_abi::inbox::SOURCE + 8 * k)
+                .map_or(0, |w| w.load(Ordering::Acquire));
+            raw.extend_from_slice(&w.to_le_bytes());
+        }
+        Some(Handover {
+            token,
+            source: backdoor_abi::inbox::decode_source(&raw),
+        })
     }
 
     /// Record slots.

@@ -69,5 +69,5 @@ pub use counter::Counter;
 pub use device::Device;
 pub use error::Error;
 pub use host::{HostConfig, HostLayout};
-pub use inbox::{Inbox, DOORBELL_OFFSET, RECORDS_OFFSET};
+pub use inbox::{FenceBook, Handover, Inbox, DOORBELL_OFFSET, RECORDS_OFFSET};
 pub use service::{Found, Problem, Scan, ServiceArea, READ_RETRIES};

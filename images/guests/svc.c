@@ -21,8 +21,14 @@
  *            8 try 100,000 times (seal), 9 a wild write over the progress
  *            box's header (the service runs on), 10 reset into a mute boot
  *            that registers nothing (a marker outside the image says so)
- *   u64 @8   inbox doorbell: records delivered so far
+ *   u64 @8   inbox doorbell: records delivered so far (rung last)
+ *   u64 @16  inbox fence: the hand-over's fencing token (its claim)
+ *   @24      the hand-over's source name, 32 bytes NUL-padded
  *   @64      inbox: up to 15 records of 256 bytes in the docs/abi.md format
+ * A hand-over older than one already taken from its source is refused
+ * whole (a monitor that lost its incident, delivering late); once taken
+ * or refused, the doorbell and then the fence are cleared, so that the
+ * inbox can take the next hand-over.
  * Runs in ring 0, where cli and hlt are allowed.
  */
 #include "bd_test.h"
@@ -151,6 +157,63 @@ static bool parse_num(const char **p, const char *prefix, bd_u64 *v)
 	for (*v = 0; **p >= '0' && **p <= '9'; (*p)++)
 		*v = *v * 10 + (**p - '0');
 	return true;
+}
+
+#define SOURCE_LEN	32
+#define MAX_SOURCES	8
+
+/* The newest fencing token taken from each source (docs/abi.md). */
+static struct {
+	char name[SOURCE_LEN];
+	bd_u64 token;
+} fences[MAX_SOURCES];
+static unsigned int nfences;
+
+static bool same_source(const char *a, const volatile char *b)
+{
+	unsigned int i;
+
+	for (i = 0; i < SOURCE_LEN; i++)
+		if (a[i] != b[i])
+			return false;
+	return true;
+}
+
+/*
+ * Whether to take the hand-over from source (32 bytes) under token; books
+ * it when taken. *took is the newer token that refused it. A table full
+ * of sources takes the hand-over unbooked (the ABI's rule still holds
+ * for the sources it keeps).
+ */
+static bool fence_admit(const volatile char *source, bd_u64 token,
+			bd_u64 *took)
+{
+	unsigned int i;
+
+	for (i = 0; i < nfences; i++) {
+		if (!same_source(fences[i].name, source))
+			continue;
+		if (token < fences[i].token) {
+			*took = fences[i].token;
+			return false;
+		}
+		fences[i].token = token;
+		return true;
+	}
+	if (nfences < MAX_SOURCES) {
+		for (i = 0; i < SOURCE_LEN; i++)
+			fences[nfences].name[i] = source[i];
+		fences[nfences++].token = token;
+	}
+	return true;
+}
+
+static void put_source(const volatile char *source)
+{
+	unsigned int i;
+
+	for (i = 0; i < SOURCE_LEN && source[i]; i++)
+		putc(source[i]);
 }
 
 /* Adopts hand-off record k from the inbox, or says why not. */
@@ -293,9 +356,9 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 	 unsigned long bd_base)
 {
 	struct bd_counter *kernel, *idle;
-	unsigned int seen = 0, next = 0, i;
+	unsigned int next = 0, i;
 	unsigned long tick = 0;
-	bd_u64 cmd, bell;
+	bd_u64 cmd, bell, token, took;
 	bool ok;
 
 	(void)ram;
@@ -392,8 +455,33 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 		bell = control[1];
 		/* The monitor writes records, then the doorbell: read in order. */
 		__atomic_thread_fence(__ATOMIC_ACQUIRE);
-		while (seen < bell && seen < INBOX_SLOTS)
-			adopt(seen++);
+		if (bell) {
+			const volatile char *source =
+				(const volatile char *)&control[3];
+
+			token = control[2];
+			if (fence_admit(source, token, &took)) {
+				for (i = 0; i < bell && i < INBOX_SLOTS; i++)
+					adopt(i);
+				puts("svc: took the hand-over from ");
+				put_source(source);
+				puts(" under fencing token ");
+				print_dec(token);
+				putc('\n');
+			} else {
+				puts("svc: refused the hand-over from ");
+				put_source(source);
+				puts(": fencing token ");
+				print_dec(token);
+				puts(" is older than ");
+				print_dec(took);
+				putc('\n');
+			}
+			/* Free the inbox: the doorbell first, then the claim. */
+			control[1] = 0;
+			__atomic_thread_fence(__ATOMIC_RELEASE);
+			control[2] = 0;
+		}
 		if (++tick % STEP == 0 && nsessions) {
 			struct session *s = &sessions[next++ % nsessions];
 

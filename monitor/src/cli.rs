@@ -42,6 +42,121 @@ pub enum Command {
     Dmesg(DmesgArgs),
     /// Write an evidence bundle of a guest: counters, sessions, kernel log, vCPUs.
     Evidence(EvidenceArgs),
+    /// Register, remove and list a cluster's targets in etcd.
+    #[command(subcommand)]
+    Targets(TargetsCommand),
+    /// List a cluster's incidents (who acted on each hang, and how).
+    Incidents(IncidentsArgs),
+}
+
+/// Where the cluster is.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. http://10.0.0.2:2379).
+    #[arg(
+        long = "etcd",
+        value_name = "URLS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub endpoints: Vec<String>,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// etcd request timeout, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub etcd_timeout_ms: u64,
+}
+
+impl EtcdArgs {
+    /// Connects.
+    pub fn connect(&self) -> Result<crate::cluster::Etcd, crate::cluster::EtcdError> {
+        crate::cluster::Etcd::connect(
+            &self.endpoints,
+            &self.etcd_prefix,
+            Duration::from_millis(self.etcd_timeout_ms.max(1)),
+        )
+    }
+}
+
+/// `bdctl targets`.
+#[derive(Debug, Subcommand)]
+pub enum TargetsCommand {
+    /// Register a target (or replace its record).
+    Add(TargetsAddArgs),
+    /// Remove a target (its owner stops watching it).
+    Rm {
+        /// The cluster.
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Target names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// List the targets, their owners and open incidents.
+    Ls {
+        /// The cluster.
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `bdctl targets add`.
+#[derive(Debug, Args)]
+pub struct TargetsAddArgs {
+    /// The cluster.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// NAME@HOST:PORT of each guest's agent.
+    pub targets: Vec<String>,
+    /// Register the [[targets]] of this watch configuration file too.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Key file for the targets given here (a path every monitor's host has).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// Their data path.
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
+    /// On a hang, hand the sessions to this instance (NAME@HOST:PORT).
+    #[arg(long, value_name = "TARGET")]
+    pub resume_to: Option<String>,
+    /// The receiver's key file (with a repair key; default: --key-file).
+    #[arg(long, value_name = "PATH", requires = "resume_to")]
+    pub resume_key_file: Option<PathBuf>,
+    /// The receiver's inbox hook.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "control",
+        requires = "resume_to"
+    )]
+    pub resume_hook: String,
+    /// The receiver's inbox slot size.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 256,
+        requires = "resume_to"
+    )]
+    pub resume_slot_size: u32,
+    /// Only this service's sessions.
+    #[arg(long, value_name = "NAME", requires = "resume_to")]
+    pub resume_service: Option<String>,
+}
+
+/// `bdctl incidents`.
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    /// The cluster.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Print JSON (one array).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How to find and decode a guest kernel's memory (docs/kernel-evidence.md).
@@ -191,6 +306,20 @@ pub struct WatchArgs {
     /// Where the kernel is, for the bundles.
     #[command(flatten)]
     pub k: KernelArgs,
+    /// Cluster mode: watch the targets registered in etcd at these
+    /// endpoints (comma-separated) that the cluster gives this monitor.
+    #[arg(long = "etcd", value_name = "URLS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// This monitor's id in the cluster (default: HOSTNAME-PID).
+    #[arg(long, value_name = "ID")]
+    pub monitor_id: Option<String>,
+    /// The monitor's lease in etcd, in milliseconds (whole seconds): how
+    /// long the targets of a dead or cut-off monitor wait for a new owner.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub lease_ttl_ms: u64,
 }
 
 /// The configuration file.
@@ -263,7 +392,7 @@ pub fn load_config(path: &Path) -> Result<ConfigFile, ConfigError> {
 
 impl WatchArgs {
     /// Merges flags over the config file into targets and options.
-    pub fn resolve(&self) -> Result<(Vec<Target>, WatchOptions), ConfigError> {
+    pub fn resolve(&self) -> Result<(Vec<crate::watch::Job>, WatchOptions), ConfigError> {
         let file = match &self.config {
             Some(p) => load_config(p)?,
             None => ConfigFile::default(),
@@ -308,7 +437,13 @@ impl WatchArgs {
             })?;
             targets.push(Target::parse(t, &keys)?.with_transport(transport, device.clone()));
         }
-        if targets.is_empty() {
+        let cluster = self.cluster()?;
+        if cluster.is_some() && !targets.is_empty() {
+            return Err(ConfigError::Value(
+                "with --etcd the targets come from the cluster: register them with `bdctl targets add`".into(),
+            ));
+        }
+        if targets.is_empty() && cluster.is_none() {
             return Err(ConfigError::Missing(
                 "no targets: give NAME@HOST:PORT or a --config with [[targets]]".into(),
             ));
@@ -342,8 +477,45 @@ impl WatchArgs {
                 .clone()
                 .or(file.evidence_dir.as_deref().map(rel)),
             kernel: self.k.clone(),
+            cluster,
         };
-        Ok((targets, opts))
+        let jobs = targets
+            .into_iter()
+            .map(|target| crate::watch::Job {
+                target,
+                resume: None,
+            })
+            .collect();
+        Ok((jobs, opts))
+    }
+
+    fn cluster(&self) -> Result<Option<crate::cluster::ClusterOptions>, ConfigError> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let secs = self.lease_ttl_ms.div_ceil(1000);
+        if secs < 2 {
+            return Err(ConfigError::Value(
+                "--lease-ttl-ms must be at least 2000 (etcd leases are whole seconds, and the lease is renewed four times per TTL)".into(),
+            ));
+        }
+        let id = self.monitor_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "bdctl".into());
+            format!("{host}-{}", std::process::id())
+        });
+        if id.is_empty() || id.contains('/') {
+            return Err(ConfigError::Value(format!(
+                "monitor id {id:?} must be non-empty and without '/'"
+            )));
+        }
+        Ok(Some(crate::cluster::ClusterOptions {
+            endpoints: self.etcd.clone(),
+            prefix: self.etcd_prefix.clone(),
+            id,
+            ttl: Duration::from_secs(secs),
+        }))
     }
 }
 
@@ -379,15 +551,17 @@ pub struct ResumeArgs {
     /// The REPAIR hook holding the inbox.
     #[arg(long, value_name = "NAME", default_value = "control")]
     pub hook: String,
-    /// Offset of the doorbell word (the number of records delivered).
-    #[arg(long, value_name = "BYTES", default_value_t = 8)]
-    pub doorbell_offset: u64,
-    /// Offset of the first inbox slot.
-    #[arg(long, value_name = "BYTES", default_value_t = 64)]
-    pub inbox_offset: u64,
     /// Inbox slot size.
     #[arg(long, value_name = "BYTES", default_value_t = 256)]
     pub slot_size: u32,
+    /// The hand-over's fencing token: the receiver refuses one older than
+    /// a hand-over it took from the same source (a cluster incident uses
+    /// its etcd revision).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub fence_token: u64,
+    /// The source's name as the receiver books it (default: the extraction's guest).
+    #[arg(long, value_name = "NAME")]
+    pub source: Option<String>,
 }
 
 /// `bdctl read`.

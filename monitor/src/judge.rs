@@ -191,6 +191,14 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Whether this verdict runs the hang actions (and opens an incident).
+    pub fn calls_for_action(&self) -> bool {
+        matches!(
+            self,
+            Verdict::Hung { .. } | Verdict::Lost { .. } | Verdict::Corrupt { .. }
+        )
+    }
+
     /// Every name [`Verdict::name`] gives.
     pub const NAMES: &'static [&'static str] = &[
         "healthy",

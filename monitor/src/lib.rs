@@ -2,10 +2,13 @@
 //! backdoor, judges hangs by its own clock, extracts service
 //! continuations and hands them to a healthy instance.
 
+mod actions;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod evidence;
 pub mod extract;
+pub mod handover;
 pub mod judge;
 pub mod kernel;
 pub mod metrics;
@@ -28,6 +31,12 @@ pub enum Error {
     /// The agent refused or could not be read.
     #[error(transparent)]
     Client(#[from] backdoor_proto::ClientError),
+    /// A hand-over did not happen.
+    #[error(transparent)]
+    Handover(#[from] handover::HandoverError),
+    /// etcd (cluster mode).
+    #[error(transparent)]
+    Cluster(#[from] cluster::EtcdError),
     /// Watch configuration.
     #[error(transparent)]
     Config(#[from] cli::ConfigError),

@@ -14,8 +14,8 @@ fn main() -> ExitCode {
         Command::Watch(a) => a
             .resolve()
             .map_err(Error::from)
-            .and_then(|(targets, opts)| {
-                watch::watch(targets, &opts)
+            .and_then(|(jobs, opts)| {
+                watch::watch(jobs, &opts)
                     .map_err(|e| Error::Other(backdoor_abi::ErrorChain(&e).to_string()))
             })
             .map(|end| u8::from(end == WatchEnd::Hang) * 3),
@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         Command::Doctor(a) => commands::doctor::run(&a).map(|()| 0),
         Command::Dmesg(a) => commands::dmesg::run(&a).map(|()| 0),
         Command::Evidence(a) => commands::evidence::run(&a).map(|()| 0),
+        Command::Targets(a) => commands::targets::run(&a).map(|()| 0),
+        Command::Incidents(a) => commands::incidents::run(&a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -68,7 +68,9 @@ impl KeyFile {
 }
 
 /// How bdctl reads a target's memory once it has authenticated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// RDMA verbs when the agent offers them and this host has a device,

@@ -6,16 +6,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backdoor_proto::{Client, Role};
 use serde_json::json;
 
+use crate::cluster::{Change, Cluster, ClusterOptions};
 use crate::judge::{Event, Judge, Observation, Stall, Verdict};
 use crate::metrics::{self, Exposition};
+use crate::poll;
 use crate::target::Target;
-use crate::{extract, poll};
 
 /// How `bdctl watch` runs.
 #[derive(Debug, Clone)]
@@ -42,6 +44,26 @@ pub struct WatchOptions {
     pub evidence_dir: Option<PathBuf>,
     /// Where the kernel is, for the bundles.
     pub kernel: crate::cli::KernelArgs,
+    /// Share the targets with other monitors through etcd.
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// A target to watch, and where its sessions go on a hang.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The target.
+    pub target: Target,
+    /// Its receiver (cluster mode).
+    pub resume: Option<ResumeJob>,
+}
+
+/// Where a hung target's sessions are handed over.
+#[derive(Debug, Clone)]
+pub struct ResumeJob {
+    /// The receiving instance (repair key).
+    pub to: Target,
+    /// Its inbox; the token is the incident's.
+    pub plan: crate::handover::Plan,
 }
 
 /// How often a target's descriptor (generation, tamper count) is re-read
@@ -68,7 +90,7 @@ pub enum WatchEnd {
     Hang,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -77,35 +99,52 @@ fn now_ms() -> u64 {
 /// Longest wait between two connection attempts to an unreachable target.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Polls this far apart do not spin for their replies: a reply a few µs
+/// sooner is worth nothing at such intervals, and a hundred targets'
+/// pollers spinning 200 µs a request cost a core (bench section 9).
+const SPIN_ONLY_BELOW: Duration = Duration::from_millis(10);
+
 /// What the main thread (output, metrics, the table, exit) sees of one
 /// target; its poller thread keeps it up to date.
 #[derive(Debug, Default, Clone)]
-struct View {
-    verdict: Option<Verdict>,
+pub(crate) struct View {
+    pub verdict: Option<Verdict>,
     last: Option<Observation>,
     events: BTreeMap<&'static str, u64>,
     poll_seconds: f64,
 }
 
-/// What pollers and action threads tell the main thread.
-enum Report {
-    /// An event of a target, ready to print; `actions` reports will follow
-    /// from the hang actions it started.
+/// What pollers, action threads and the cluster tell the main thread.
+pub(crate) enum Report {
+    /// An event of a target, ready to print; `actions`: whether it
+    /// started hang actions (an [`Report::ActionsFinished`] will follow).
     Event {
         v: serde_json::Value,
         hang: bool,
-        actions: usize,
+        actions: bool,
     },
-    /// A hang action finished (its event).
-    ActionDone(serde_json::Value),
+    /// An event of a hang's actions.
+    Action(serde_json::Value),
+    /// A hang's actions are over.
+    ActionsFinished,
     /// A poller finished its `--count` polls.
     Finished,
+    /// The cluster gave this monitor a target, or took one away.
+    Cluster(Change),
+}
+
+/// A running poller.
+struct Poller {
+    view: Arc<Mutex<View>>,
+    stop: Arc<AtomicBool>,
 }
 
 /// Runs the watch: one poller thread per target, each on its own clock
 /// (a slow or unreachable target delays nobody else's polls), and this
 /// thread printing their events, serving metrics and drawing the table.
-pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<WatchEnd> {
+/// In cluster mode the targets are those the cluster gives this monitor.
+pub fn watch(jobs: Vec<Job>, opts: &WatchOptions) -> std::io::Result<WatchEnd> {
+    raise_fd_limit();
     let exposition = Exposition::default();
     if let Some(addr) = &opts.metrics {
         let bound = metrics::serve(addr, exposition.clone())?;
@@ -113,16 +152,39 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
     }
     let table = !opts.json && std::io::stdout().is_terminal();
     let (tx, rx) = mpsc::channel::<Report>();
-    let mut views = Vec::new();
-    for target in targets {
+    let cluster = match &opts.cluster {
+        Some(co) => {
+            let ctx = Mutex::new(tx.clone());
+            let c = Cluster::start(
+                co,
+                Box::new(move |c| lock(&ctx).send(Report::Cluster(c)).is_ok()),
+            )
+            .map_err(|e| std::io::Error::other(backdoor_abi::ErrorChain(&e).to_string()))?;
+            eprintln!("bdctl: cluster: joined as {}", co.id);
+            Some(c)
+        }
+        None => None,
+    };
+    let mut pollers: BTreeMap<String, Poller> = BTreeMap::new();
+    let start = |job: Job, pollers: &mut BTreeMap<String, Poller>| -> std::io::Result<()> {
         let view = Arc::new(Mutex::new(View::default()));
-        views.push((target.name.clone(), view.clone()));
-        let (opts, tx) = (opts.clone(), tx.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        pollers.insert(
+            job.target.name.clone(),
+            Poller {
+                view: view.clone(),
+                stop: stop.clone(),
+            },
+        );
+        let (opts, tx, cluster) = (opts.clone(), tx.clone(), cluster.clone());
         std::thread::Builder::new()
             .name("bdctl-poll".into())
-            .spawn(move || poll_loop(target, &opts, &view, &tx))?;
+            .spawn(move || poll_loop(job, &opts, &view, &stop, &tx, cluster))?;
+        Ok(())
+    };
+    for job in jobs {
+        start(job, &mut pollers)?;
     }
-    drop(tx);
     // Signed: an action's report may arrive before the event that started it.
     let mut pending_actions: i64 = 0;
     let mut finished = 0usize;
@@ -137,22 +199,36 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
         match rx.recv_timeout(tick) {
             Ok(Report::Event { v, hang, actions }) => {
                 hang_seen |= hang;
-                pending_actions += i64::try_from(actions).unwrap_or(i64::MAX);
+                pending_actions += i64::from(actions);
                 emit(&v, opts.json, table, &mut recent);
             }
-            Ok(Report::ActionDone(v)) => {
-                pending_actions -= 1;
-                emit(&v, opts.json, table, &mut recent);
-            }
+            Ok(Report::Action(v)) => emit(&v, opts.json, table, &mut recent),
+            Ok(Report::ActionsFinished) => pending_actions -= 1,
             Ok(Report::Finished) => finished += 1,
+            Ok(Report::Cluster(Change::Own(job))) => {
+                let name = job.target.name.clone();
+                if let Some(old) = pollers.remove(&name) {
+                    old.stop.store(true, Ordering::Relaxed);
+                }
+                start(*job, &mut pollers)?;
+                let v = json!({"event": "owned", "target": name, "ts_unix_ms": now_ms()});
+                emit(&v, opts.json, table, &mut recent);
+            }
+            Ok(Report::Cluster(Change::Release(name))) => {
+                if let Some(old) = pollers.remove(&name) {
+                    old.stop.store(true, Ordering::Relaxed);
+                }
+                let v = json!({"event": "released", "target": name, "ts_unix_ms": now_ms()});
+                emit(&v, opts.json, table, &mut recent);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // Every poller and action thread is gone.
+            // Unreachable: this thread holds a sender (`tx`).
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(WatchEnd::Done),
         }
         let snapshot = || -> Vec<(String, View)> {
-            views
+            pollers
                 .iter()
-                .map(|(n, v)| (n.clone(), lock(v).clone()))
+                .map(|(n, p)| (n.clone(), lock(&p.view).clone()))
                 .collect()
         };
         // Once a tick at most, not once per report: every target's view
@@ -177,22 +253,43 @@ pub fn watch(targets: Vec<Target>, opts: &WatchOptions) -> std::io::Result<Watch
             }
             return Ok(WatchEnd::Hang);
         }
-        if finished == views.len() && !(opts.exit_on_hang && hang_seen) {
+        let counted_out = opts.count.is_some() && cluster.is_none() && finished == pollers.len();
+        if counted_out && !(opts.exit_on_hang && hang_seen) && pending_actions <= 0 {
             return Ok(WatchEnd::Done);
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Every target holds a connection (a cluster monitor, as many as the
+/// cluster gives it): a thousand pass the usual soft limit of 1024 open
+/// files, so the soft limit goes up to the hard one, as far as the host
+/// allows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One target's poller: polls at the interval by its own clock (backing
 /// off its connection attempts while it is unreachable), judges, reports
-/// the events and starts the hang actions.
-fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc::Sender<Report>) {
+/// the events and starts the hang actions; ends when `stop` is set.
+fn poll_loop(
+    job: Job,
+    opts: &WatchOptions,
+    view: &Arc<Mutex<View>>,
+    stop: &Arc<AtomicBool>,
+    tx: &mpsc::Sender<Report>,
+    cluster: Option<Arc<Cluster>>,
+) {
     let mut w = Watched {
-        target,
+        target: job.target.clone(),
         client: None,
         transport: None,
         described: None,
@@ -201,9 +298,9 @@ fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc:
     let mut polls = 0u64;
     let mut next = Instant::now();
     let mut backoff = opts.interval;
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         let t = Instant::now();
-        let result = poll_target(&mut w, opts.timeout);
+        let result = poll_target(&mut w, opts.timeout, opts.interval);
         let poll_seconds = t.elapsed().as_secs_f64();
         let now = Instant::now();
         let unreachable = result.is_err() && w.client.is_none();
@@ -223,25 +320,28 @@ fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc:
             let mut v = serde_json::to_value(&e).unwrap_or_default();
             v["ts_unix_ms"] = json!(now_ms());
             v["target"] = json!(w.target.name);
-            let hang = matches!(
-                &e,
-                Event::Verdict {
-                    verdict: Verdict::Hung { .. } | Verdict::Lost { .. } | Verdict::Corrupt { .. },
-                    ..
-                }
-            );
-            let mut actions = 0;
-            if hang {
+            let hang = matches!(&e, Event::Verdict { verdict, .. } if verdict.calls_for_action());
+            let actions = hang && crate::actions::wanted(opts, cluster.is_some());
+            if actions {
                 // The extraction takes the connection this watch holds:
                 // a hung guest's agent may have no slot for a new one
                 // (the next poll connects again).
-                let held = if opts.extract_on_hang.is_some() {
+                let held = if opts.extract_on_hang.is_some() || job.resume.is_some() {
                     w.described = None;
                     w.client.take()
                 } else {
                     None
                 };
-                actions = run_actions(&w.target, &v, opts, tx, held);
+                crate::actions::start(crate::actions::Hang {
+                    job: job.clone(),
+                    event: v.clone(),
+                    opts: opts.clone(),
+                    tx: tx.clone(),
+                    held,
+                    cluster: cluster.clone(),
+                    stop: stop.clone(),
+                    view: view.clone(),
+                });
             }
             if tx.send(Report::Event { v, hang, actions }).is_err() {
                 return;
@@ -271,9 +371,13 @@ fn poll_loop(target: Target, opts: &WatchOptions, view: &Mutex<View>, tx: &mpsc:
     }
 }
 
-fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String> {
+fn poll_target(
+    w: &mut Watched,
+    timeout: Duration,
+    interval: Duration,
+) -> Result<Observation, String> {
     if w.client.is_none() {
-        let (c, why_soft) = w
+        let (mut c, why_soft) = w
             .target
             .connect_explained(Role::Read, timeout)
             .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
@@ -288,6 +392,9 @@ fn poll_target(w: &mut Watched, timeout: Duration) -> Result<Observation, String
                 c.data_path()
             );
             w.transport = Some(c.data_path());
+        }
+        if interval >= SPIN_ONLY_BELOW {
+            c.set_busy_poll(Duration::ZERO);
         }
         w.client = Some(c);
         w.described = Some(Instant::now()); // WELCOME carried the descriptor
@@ -389,148 +496,6 @@ fn clock(ms: u64) -> String {
         s % 60,
         ms % 1000
     )
-}
-
-/// Starts the on-hang actions on a thread of their own; returns how many
-/// events will report back. An evidence bundle (`--evidence-dir`) is
-/// written first, and named in the event the other actions see.
-fn run_actions(
-    target: &Target,
-    event: &serde_json::Value,
-    opts: &WatchOptions,
-    done: &mpsc::Sender<Report>,
-    held: Option<Client>,
-) -> usize {
-    let evidence = opts.evidence_dir.is_some();
-    let reports = usize::from(evidence)
-        + usize::from(opts.on_hang.is_some())
-        + usize::from(opts.extract_on_hang.is_some());
-    if reports == 0 {
-        return 0;
-    }
-    let (target, done, opts) = (target.clone(), done.clone(), opts.clone());
-    let mut event = event.clone();
-    std::thread::spawn(move || {
-        if let Some(dir) = &opts.evidence_dir {
-            let v = match capture_evidence(&target, &event, dir, &opts) {
-                Ok(file) => {
-                    event["evidence"] = json!(file.display().to_string());
-                    json!({"event": "evidence", "target": target.name, "file": file.display().to_string(), "ts_unix_ms": now_ms()})
-                }
-                Err(e) => {
-                    json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
-                }
-            };
-            let _ = done.send(Report::ActionDone(v));
-        }
-        let on_hang = opts.on_hang.clone().map(|cmd| {
-            let (event, target, done) = (event.clone(), target.clone(), done.clone());
-            std::thread::spawn(move || {
-                let status = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(&cmd)
-                    .env("BDCTL_EVENT", event.to_string())
-                    .env("BDCTL_TARGET", &target.name)
-                    .env("BDCTL_ADDR", &target.addr)
-                    .env("BDCTL_LEVEL", event["level"].as_str().unwrap_or(""))
-                    .env("BDCTL_COUNTER", event["counter"].as_str().unwrap_or(""))
-                    .env("BDCTL_EVIDENCE", event["evidence"].as_str().unwrap_or(""))
-                    .status();
-                let v = match status {
-                    Ok(s) => {
-                        json!({"event": "action", "target": target.name, "status": s.code(), "ts_unix_ms": now_ms()})
-                    }
-                    Err(e) => {
-                        json!({"event": "action_failed", "target": target.name, "error": backdoor_abi::ErrorChain(&e).to_string(), "ts_unix_ms": now_ms()})
-                    }
-                };
-                let _ = done.send(Report::ActionDone(v));
-            })
-        });
-        if let Some(dir) = &opts.extract_on_hang {
-            let v = match extract_to_dir(&target, dir, opts.timeout, held) {
-                Ok((file, x, attempts)) => json!({
-                    "event": "extracted", "target": target.name, "file": file.display().to_string(),
-                    "sessions": x.sessions.len(), "accepted": x.summary.accepted, "torn": x.summary.torn,
-                    "corrupt": x.summary.corrupt, "generation": x.generation, "attempts": attempts,
-                    "ts_unix_ms": now_ms(),
-                }),
-                Err(e) => {
-                    json!({"event": "action_failed", "target": target.name, "error": e, "ts_unix_ms": now_ms()})
-                }
-            };
-            let _ = done.send(Report::ActionDone(v));
-        }
-        if let Some(t) = on_hang {
-            let _ = t.join();
-        }
-    });
-    reports
-}
-
-fn capture_evidence(
-    target: &Target,
-    event: &serde_json::Value,
-    dir: &std::path::Path,
-    opts: &WatchOptions,
-) -> Result<PathBuf, String> {
-    let mut eo = crate::commands::kernel_files::evidence_options(&opts.kernel, 200)
-        .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
-    let bundle = crate::evidence::capture(target, Some(event), &mut eo, opts.timeout);
-    crate::evidence::write_bundle(dir, &target.name, &bundle)
-}
-
-/// Extraction attempts after a hang, the first over the watch's own
-/// connection, then on new ones after 100, 200, 400 and 800 ms.
-const EXTRACT_ATTEMPTS: u32 = 5;
-const EXTRACT_FIRST_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Extracts into `dir` (over `held` first); returns the file, the
-/// extraction and how many attempts it took.
-fn extract_to_dir(
-    target: &Target,
-    dir: &std::path::Path,
-    timeout: Duration,
-    mut held: Option<Client>,
-) -> Result<(PathBuf, extract::Extraction, u32), String> {
-    let mut backoff = EXTRACT_FIRST_BACKOFF;
-    let mut last = String::new();
-    for attempt in 1..=EXTRACT_ATTEMPTS {
-        if attempt > 1 {
-            std::thread::sleep(backoff);
-            backoff *= 2;
-        }
-        let mut c = match held.take() {
-            Some(c) => c,
-            None => match target.connect(Role::Read, timeout.max(Duration::from_secs(2))) {
-                Ok(c) => c,
-                Err(e) => {
-                    last = backdoor_abi::ErrorChain(&e).to_string();
-                    continue;
-                }
-            },
-        };
-        match extract::extract(&mut c, None, &mut |_, _| {}) {
-            Ok(x) => return write_extraction(dir, &target.name, &x).map(|f| (f, x, attempt)),
-            Err(e) => last = backdoor_abi::ErrorChain(&e).to_string(),
-        }
-    }
-    Err(format!(
-        "extraction failed {EXTRACT_ATTEMPTS} times, last: {last}"
-    ))
-}
-
-fn write_extraction(
-    dir: &std::path::Path,
-    name: &str,
-    x: &extract::Extraction,
-) -> Result<PathBuf, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let file = dir.join(format!("{name}-g{}-{}.json", x.generation, now_ms()));
-    let text =
-        serde_json::to_string_pretty(x).map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?;
-    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
-    Ok(file)
 }
 
 fn draw_table(watched: &[(String, View)], recent: &[String]) {

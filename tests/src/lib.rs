@@ -9,6 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+pub mod fake_guest;
+pub mod netns;
+
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -742,11 +746,17 @@ pub mod shop {
     impl Watch {
         /// Starts `bdctl watch --json --key-file KEYS TARGET ARGS`.
         pub fn start(target: &str, keys: &Path, args: &[&str]) -> Self {
-            let mut child = Command::new(bdctl_bin())
-                .args(["watch", "--json", "--key-file"])
+            let mut cmd = Command::new(bdctl_bin());
+            cmd.args(["watch", "--json", "--key-file"])
                 .arg(keys)
                 .arg(target)
-                .args(args)
+                .args(args);
+            Self::spawn(cmd)
+        }
+
+        /// Starts `cmd`, a `bdctl watch --json` (perhaps under a wrapper).
+        pub fn spawn(mut cmd: Command) -> Self {
+            let mut child = cmd
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -789,6 +799,12 @@ pub mod shop {
             self.wait(v, timeout, move |e| {
                 e["event"] == "verdict" && e["verdict"] == v
             })
+        }
+
+        /// The next event, if one arrives within `d` (zero: only one
+        /// already here).
+        pub fn next(&self, d: Duration) -> Option<(Instant, serde_json::Value)> {
+            self.events.recv_timeout(d).ok()
         }
 
         /// Every event that arrives within `d`.

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use backdoor_agent::{Client, ErrorCode, Role};
+use bdvmm_tests::netns::Netns;
 use bdvmm_tests::shop::{
     assert_three_consistent_sessions, bdctl, bdctl_bin, extract, shop, Watch, T,
 };
@@ -301,63 +302,9 @@ fn corrupt_records_are_reported_and_skipped_and_the_rest_extracted() {
     assert_eq!(vm.wait_exit(T), Some(exit::OK));
 }
 
-/// A network namespace with a veth link to the root namespace, removed on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-impl Netns {
-    fn create() -> Option<Self> {
-        let id = std::process::id() % 10_000;
-        let name = format!("bdt{id}");
-        let host_if = format!("bdh{id}");
-        let ns_if = format!("bdg{id}");
-        let sh = |cmd: &str| {
-            Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let _ = sh(&format!("ip netns del {name} 2>/dev/null"));
-        let subnet = format!("10.213.{}", id % 250);
-        let ok = sh(&format!("ip netns add {name}"))
-            && sh(&format!("ip link add {host_if} type veth peer name {ns_if}"))
-            && sh(&format!("ip link set {ns_if} netns {name}"))
-            && sh(&format!("ip addr add {subnet}.1/24 dev {host_if} && ip link set {host_if} up"))
-            && sh(&format!("ip -n {name} addr add {subnet}.2/24 dev {ns_if} && ip -n {name} link set {ns_if} up && ip -n {name} link set lo up"));
-        let ns = Self { name, host_if };
-        ok.then_some(ns)
-    }
-
-    fn guest_ip(&self) -> String {
-        format!("10.213.{}.2", (std::process::id() % 10_000) % 250)
-    }
-
-    fn link(&self, up: bool) {
-        let st = Command::new("ip")
-            .args(["link", "set", &self.host_if, if up { "up" } else { "down" }])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 #[test]
 fn a_cut_network_path_is_unreachable_never_hung_and_watching_resumes() {
-    let Some(ns) = Netns::create() else {
+    let Some(ns) = Netns::create("bdt", 213) else {
         bdvmm_tests::skip(
             "a_cut_network_path_is_unreachable_never_hung_and_watching_resumes",
             "cannot create a network namespace with a veth link here (needs root and iproute2)",
@@ -368,7 +315,7 @@ fn a_cut_network_path_is_unreachable_never_hung_and_watching_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let k = keys::write_file(dir.path());
     let guest = bdvmm_tests::guest("svc");
-    let addr = format!("{}:7790", ns.guest_ip());
+    let addr = format!("{}:7790", ns.ns_ip());
     let sock = dir.path().join("api.sock");
     let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.name])

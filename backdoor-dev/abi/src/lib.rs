@@ -551,3 +551,66 @@ mod error_chain_tests {
         );
     }
 }
+
+/// The inbox: a REPAIR hook a repair monitor fills with a hand-over
+/// (`bdctl resume`), laid out as below (docs/abi.md, "The inbox"). One
+/// hand-over at a time: the monitor claims the inbox by a compare-and-swap
+/// of the fence word from 0 to its fencing token, writes the source and
+/// the records, and rings the doorbell last. A receiver that can write
+/// its inbox clears the doorbell, then the fence word, once it has taken
+/// the hand-over; one that cannot (a driver's read-only inbox) takes one
+/// hand-over per inbox.
+pub mod inbox {
+    /// u64: records delivered (written last).
+    pub const DOORBELL: usize = 8;
+    /// u64: the fencing token of the hand-over that claimed the inbox
+    /// (0: unclaimed). A cluster incident's etcd revision; 1 for a hand-over
+    /// made by hand.
+    pub const FENCE: usize = 16;
+    /// The source's name (the hung target), NUL-padded.
+    pub const SOURCE: usize = 24;
+    /// Bytes of [`SOURCE`].
+    pub const SOURCE_LEN: usize = 32;
+    /// The first record slot.
+    pub const RECORDS: usize = 64;
+
+    /// The source name as stored: at most [`SOURCE_LEN`] bytes, NUL-padded.
+    pub fn encode_source(name: &str) -> [u8; SOURCE_LEN] {
+        let mut out = [0u8; SOURCE_LEN];
+        let n = name.len().min(SOURCE_LEN);
+        out[..n].copy_from_slice(&name.as_bytes()[..n]);
+        out
+    }
+
+    /// The source name read back (up to its first NUL; lossy UTF-8: the
+    /// bytes are whatever the monitor wrote).
+    pub fn decode_source(raw: &[u8]) -> String {
+        let raw = &raw[..raw.len().min(SOURCE_LEN)];
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
+
+    /// What a receiver does with a hand-over, given the newest token it
+    /// took from the same source before.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Admit {
+        /// Newer than anything taken from this source: take it.
+        Take,
+        /// Older than a hand-over already taken from this source: a monitor
+        /// that lost its incident delivered late. Refuse it.
+        Stale {
+            /// The newest token taken from the source.
+            took: u64,
+        },
+    }
+
+    /// The fencing rule: a token equal to the newest taken is the same
+    /// hand-over seen again (taking it again is idempotent: records are
+    /// adopted by version); an older one is refused.
+    pub fn admit(token: u64, newest_taken: Option<u64>) -> Admit {
+        match newest_taken {
+            Some(took) if token < took => Admit::Stale { took },
+            _ => Admit::Take,
+        }
+    }
+}

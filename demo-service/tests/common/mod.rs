@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backdoor_abi::{HookKind, PERM_READ, PERM_WRITE};
+use backdoor_abi::{HookKind, PERM_ATOMIC, PERM_READ, PERM_WRITE};
 use backdoor_agent::auth::Keys;
 use backdoor_agent::{Agent, DescriptorSource, GuestMemory, PushedDescriptor, RamRange};
 use backdoor_dev::{Descriptor, Hook};
@@ -173,7 +173,7 @@ pub fn serve_file(vm: &str, state: &Path, dir: &Path) -> Served {
             gpa: layout.inbox_offset,
             len: layout.inbox_len,
             kind: HookKind::Repair,
-            perms: PERM_READ | PERM_WRITE,
+            perms: PERM_READ | PERM_WRITE | PERM_ATOMIC,
             name: "inbox".into(),
         });
     }

@@ -10,10 +10,12 @@ pub mod dmesg;
 pub mod doctor;
 pub mod evidence;
 pub mod extract;
+pub mod incidents;
 pub mod kernel_files;
 pub mod read;
 pub mod resume;
 pub mod status;
+pub mod targets;
 pub mod write;
 
 pub(crate) fn hook_id(c: &Client, hook: &str) -> Result<u32, Error> {

@@ -1,6 +1,7 @@
 //! An in-process stand-in for guest RAM served by a real agent: a memfd
 //! with hooks, for the benchmarks that measure the backdoor's data path
-//! without a VM (remote reads, detection, monitor capacity).
+//! without a VM (remote reads, detection, monitor capacity) and for the
+//! cluster tests' many healthy targets.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -56,20 +57,14 @@ pub fn serve(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration
     start(agent(mem, hooks, busy_poll))
 }
 
-/// As [`serve`], with the RDMA verbs backend on `device` (or the first).
-#[cfg(feature = "verbs")]
-pub fn serve_with_verbs(
-    mem: Arc<GuestMemory>,
-    hooks: Vec<Hook>,
-    device: Option<&str>,
-) -> SocketAddr {
-    let verbs = backdoor_agent::verbs::VerbsBackend::open(mem.clone(), device)
-        .expect("open the RDMA device for the agent");
-    start(agent(mem, hooks, None).with_verbs(Arc::new(verbs)))
+/// Serves `agent` on a loopback port.
+pub fn start(agent: Agent) -> SocketAddr {
+    start_on(agent, "127.0.0.1:0")
 }
 
-fn start(agent: Agent) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+/// Serves `agent` on `listen` (HOST:PORT; port 0: any).
+pub fn start_on(agent: Agent, listen: &str) -> SocketAddr {
+    let l = TcpListener::bind(listen).expect("bind the fake guest's agent");
     let addr = l.local_addr().expect("local address");
     Arc::new(agent).serve(l).expect("serve");
     addr
@@ -77,6 +72,16 @@ fn start(agent: Agent) -> SocketAddr {
 
 /// The agent of a fake guest (generation 1, sealed) over `hooks` of `mem`.
 pub fn agent(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration>) -> Agent {
+    agent_named("bench", mem, hooks, busy_poll)
+}
+
+/// As [`agent`], for a guest called `name`.
+pub fn agent_named(
+    name: &str,
+    mem: Arc<GuestMemory>,
+    hooks: Vec<Hook>,
+    busy_poll: Option<Duration>,
+) -> Agent {
     let desc = Descriptor {
         generation: 1,
         sealed: true,
@@ -86,7 +91,7 @@ pub fn agent(mem: Arc<GuestMemory>, hooks: Vec<Hook>, busy_poll: Option<Duration
     let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
     let keys = Keys::parse(&format!("read = \"{hex}\""), "bench").expect("key file");
     let source: Arc<dyn DescriptorSource> = Arc::new(PushedDescriptor::new(desc));
-    let mut agent = Agent::new("bench".into(), keys, mem, source);
+    let mut agent = Agent::new(name.into(), keys, mem, source);
     if let Some(d) = busy_poll {
         agent = agent.with_busy_poll(d);
     }
@@ -139,4 +144,51 @@ pub fn time_us(n: usize, mut f: impl FnMut()) -> Vec<f64> {
             t.elapsed().as_secs_f64() * 1e6
         })
         .collect()
+}
+
+/// The read key of [`KEY`] as a key file (for bdctl).
+pub fn write_key_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
+    let p = dir.join("fake-guest-keys.toml");
+    std::fs::write(&p, format!("read = \"{hex}\"\n")).expect("write the fake guests' key file");
+    p
+}
+
+/// A healthy fake guest: one OS-level counter of `deadline_ms`, bumped
+/// every `every` by a thread, served on `listen` under `name`.
+#[derive(Debug)]
+pub struct Healthy {
+    /// Where its agent listens.
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Healthy {
+    /// Starts it.
+    pub fn start(name: &str, listen: &str, deadline_ms: u32, every: Duration) -> Self {
+        let mem = ram(1 << 16);
+        write_progress_box(&mem, 1, deadline_ms);
+        let hooks = vec![hook(1, 0, 4096, HookKind::ProgressBox, "progress")];
+        let addr = start_on(
+            agent_named(name, mem.clone(), hooks, Some(Duration::ZERO)),
+            listen,
+        );
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            let mut v = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                v += 1;
+                assert!(mem.write(64, &v.to_le_bytes()));
+                std::thread::sleep(every);
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Healthy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
