@@ -1,9 +1,11 @@
-//! bdbench: backdoor-vmm's benchmark suite. Eight sections (issue 7; the
-//! seventh, RDMA verbs, runs in the lab), each figure measured in the same
+//! bdbench: backdoor-vmm's benchmark suite. Nine sections (issue 7; the
+//! seventh, RDMA verbs, runs in the lab; the ninth, cluster monitoring,
+//! issue 15), each figure measured in the same
 //! run as its baseline and given as a ratio;
 //! the result is `BENCHMARKS.md`, `benchmarks.json` and SVG plots.
 
 pub mod affinity;
+pub mod cluster;
 pub mod detection;
 pub mod extraction;
 pub mod frame_crypto;
@@ -65,7 +67,7 @@ impl Ctx {
 pub type SectionFn = fn(&Ctx) -> Section;
 
 /// The sections, in order.
-pub const SECTIONS: [(&str, SectionFn); 8] = [
+pub const SECTIONS: [(&str, SectionFn); 9] = [
     ("report_cost", report_cost::run),
     ("overhead", overhead::run),
     ("remote_reads", remote_reads::run),
@@ -74,6 +76,7 @@ pub const SECTIONS: [(&str, SectionFn); 8] = [
     ("startup", startup::run),
     ("rdma", rdma::run),
     ("kernel_log", kernel_log::run),
+    ("cluster", cluster::run),
 ];
 
 /// Errors of the suite as a whole.
@@ -83,7 +86,7 @@ pub enum BenchError {
     #[error("{0} is missing: build it first (`make bench` does: cargo build --release -p bdvmm -p bdctl -p bdbench)")]
     MissingBinary(String),
     /// Unknown section name.
-    #[error("unknown section {0:?} (known: report_cost, overhead, remote_reads, detection, extraction, startup)")]
+    #[error("unknown section {0:?} (known: report_cost, overhead, remote_reads, detection, extraction, startup, rdma, kernel_log, cluster)")]
     UnknownSection(String),
     /// Writing the report.
     #[error("writing the report into {dir}")]

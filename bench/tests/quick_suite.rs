@@ -63,7 +63,8 @@ fn quick_suite_writes_a_complete_report() {
             "extraction",
             "startup",
             "rdma",
-            "kernel_log"
+            "kernel_log",
+            "cluster"
         ]
     );
     for (i, s) in sections.iter().enumerate() {
