@@ -13,6 +13,7 @@ pub mod kernel_log;
 pub mod machine;
 pub mod overhead;
 pub mod plot;
+pub mod qemu;
 pub mod rdma;
 pub mod remote_reads;
 pub mod report;
