@@ -39,10 +39,9 @@ pub fn pin(tid: i32, cpus: &[usize]) -> io::Result<()> {
     }
 }
 
-/// Puts process `pid`'s threads named `vcpu*` on `vcpu_cpu` and its other
-/// threads on `rest`. Returns how many vCPU threads were pinned.
-pub fn pin_vm(pid: u32, vcpu_cpu: usize, rest: &[usize]) -> io::Result<usize> {
-    let mut vcpus = 0;
+/// The threads of process `pid`: (tid, name).
+pub fn threads(pid: u32) -> io::Result<Vec<(i32, String)>> {
+    let mut out = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let path = entry?.path();
         let Some(tid) = path
@@ -53,6 +52,16 @@ pub fn pin_vm(pid: u32, vcpu_cpu: usize, rest: &[usize]) -> io::Result<usize> {
             continue;
         };
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        out.push((tid, comm));
+    }
+    Ok(out)
+}
+
+/// Puts process `pid`'s threads named `vcpu*` on `vcpu_cpu` and its other
+/// threads on `rest`. Returns how many vCPU threads were pinned.
+pub fn pin_vm(pid: u32, vcpu_cpu: usize, rest: &[usize]) -> io::Result<usize> {
+    let mut vcpus = 0;
+    for (tid, comm) in threads(pid)? {
         if comm.starts_with("vcpu") {
             pin(tid, &[vcpu_cpu])?;
             vcpus += 1;

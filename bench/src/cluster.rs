@@ -159,33 +159,38 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Puts every thread of this process on `cpus` (the fleet's agents
-/// inherit the spawning thread's CPUs).
+/// inherit the spawning thread's CPUs); best effort.
 fn pin_process(cpus: &[usize]) {
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for e in dir.flatten() {
-            if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) {
-                let _ = crate::affinity::pin(tid, cpus);
-            }
-        }
+    for (tid, _) in crate::affinity::threads(std::process::id()).unwrap_or_default() {
+        let _ = crate::affinity::pin(tid, cpus);
     }
 }
 
 /// Passes every event of `watches` to `on` (watch index, time, event)
-/// for `d`.
-fn drain(watches: &[&Watch], d: Duration, on: &mut dyn FnMut(usize, Instant, &Value)) {
-    let deadline = Instant::now() + d;
+/// until `on` says it is done or `deadline` passes.
+fn pump(watches: &[&Watch], deadline: Instant, on: &mut dyn FnMut(usize, Instant, &Value) -> bool) {
     while Instant::now() < deadline {
         let mut idle = true;
         for (k, w) in watches.iter().enumerate() {
             while let Some((t, v)) = w.next(Duration::ZERO) {
                 idle = false;
-                on(k, t, &v);
+                if on(k, t, &v) {
+                    return;
+                }
             }
         }
         if idle {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Passes every event of `watches` to `on` for `d`.
+fn drain(watches: &[&Watch], d: Duration, on: &mut dyn FnMut(usize, Instant, &Value)) {
+    pump(watches, Instant::now() + d, &mut |k, t, v| {
+        on(k, t, v);
+        false
+    });
 }
 
 /// Waits until every name in `want` has shown an event matching `pred`
@@ -197,24 +202,18 @@ fn gather(
     pred: impl Fn(&Value) -> bool,
     on: &mut dyn FnMut(usize, Instant, &Value),
 ) -> BTreeMap<String, Instant> {
-    let deadline = Instant::now() + timeout;
     let mut got = BTreeMap::new();
-    while got.len() < want.len() && Instant::now() < deadline {
-        let mut idle = true;
-        for (k, w) in watches.iter().enumerate() {
-            while let Some((t, v)) = w.next(Duration::ZERO) {
-                idle = false;
-                on(k, t, &v);
-                let name = v["target"].as_str().unwrap_or("");
-                if want.contains(name) && pred(&v) && !got.contains_key(name) {
-                    got.insert(name.to_owned(), t);
-                }
-            }
-        }
-        if idle {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    if want.is_empty() {
+        return got;
     }
+    pump(watches, Instant::now() + timeout, &mut |k, t, v| {
+        on(k, t, v);
+        let name = v["target"].as_str().unwrap_or("");
+        if want.contains(name) && pred(v) && !got.contains_key(name) {
+            got.insert(name.to_owned(), t);
+        }
+        got.len() == want.len()
+    });
     got
 }
 
@@ -377,7 +376,8 @@ struct ClusterRun {
     loads: BTreeMap<String, usize>,
 }
 
-fn bdctl_json(ctx: &Ctx, args: &[&str]) -> Result<Value, String> {
+/// Runs bdctl to success; its standard output.
+fn run_bdctl(ctx: &Ctx, args: &[&str]) -> Result<Vec<u8>, String> {
     let out = Command::new(ctx.bdctl_bin())
         .args(args)
         .output()
@@ -389,7 +389,7 @@ fn bdctl_json(ctx: &Ctx, args: &[&str]) -> Result<Value, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("bdctl {}: {e}", args[0]))
+    Ok(out.stdout)
 }
 
 fn cluster_run(
@@ -402,16 +402,10 @@ fn cluster_run(
     let etcd = Etcd::start("127.0.0.1");
     let cfg = fleet.config(dir, keys, n);
     let cfg_s = cfg.display().to_string();
-    let out = Command::new(ctx.bdctl_bin())
-        .args(["targets", "add", "--etcd", &etcd.url, "--config", &cfg_s])
-        .output()
-        .map_err(|e| format!("bdctl targets add: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "bdctl targets add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    run_bdctl(
+        ctx,
+        &["targets", "add", "--etcd", &etcd.url, "--config", &cfg_s],
+    )?;
     let ids = ["m0", "m1", "m2"];
     let mut mons: Vec<Option<Watch>> = ids
         .iter()
@@ -458,7 +452,9 @@ fn cluster_run(
         .iter()
         .filter(|&&i| hung_by.get(&fleet.names[i]).is_some_and(|s| s.len() > 1))
         .count();
-    let incidents = bdctl_json(ctx, &["incidents", "--json", "--etcd", &etcd.url])?
+    let listed = run_bdctl(ctx, &["incidents", "--json", "--etcd", &etcd.url])?;
+    let incidents = serde_json::from_slice::<Value>(&listed)
+        .map_err(|e| format!("bdctl incidents: {e}"))?
         .as_array()
         .map_or(0, Vec::len);
     drop(watches);

@@ -47,9 +47,10 @@ pub(crate) fn wanted(opts: &WatchOptions, cluster: bool) -> bool {
 /// before its claim, as a monitor paused there would.
 const HOLD_BEFORE_CLAIM: &str = "BDCTL_HOLD_BEFORE_CLAIM";
 
-/// Connections tried to a receiver before its hand-over fails (about 4 s
-/// of back-off in all).
+/// Connections tried to a receiver before its hand-over fails, after
+/// 250, 500, 1000 and 2000 ms (about 4 s of back-off in all).
 const CONNECT_ATTEMPTS: u32 = 5;
+const CONNECT_FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
 /// Starts the actions; the thread sends [`Report::Action`]s and, last,
 /// [`Report::ActionsFinished`].
@@ -255,25 +256,13 @@ fn resume_to(
     // Nothing is claimed before the connection, so a refused or
     // unroutable connect is retried a few times (a receiver restarting,
     // a route coming back) before the hand-over is given up.
-    let mut attempt = 0;
-    let mut c = loop {
-        match r
-            .to
-            .connect(Role::Repair, timeout.max(Duration::from_secs(2)))
-        {
-            Ok(c) => break c,
-            Err(_) if attempt + 1 < CONNECT_ATTEMPTS => {
-                std::thread::sleep(Duration::from_millis(250 << attempt));
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(HandoverError::Connect(format!(
-                    "{} (after {CONNECT_ATTEMPTS} attempts)",
-                    backdoor_abi::ErrorChain(&e)
-                )))
-            }
-        }
-    };
+    let (mut c, _) = with_retries(CONNECT_ATTEMPTS, CONNECT_FIRST_BACKOFF, || {
+        r.to.connect(Role::Repair, timeout.max(Duration::from_secs(2)))
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
+    })
+    .map_err(|last| {
+        HandoverError::Connect(format!("{last} (after {CONNECT_ATTEMPTS} attempts)"))
+    })?;
     let mut plan = r.plan.clone();
     plan.token = token;
     handover::hand_over(&mut c, x, &plan)
@@ -330,37 +319,45 @@ fn extract_with_retries(
     timeout: Duration,
     mut held: Option<Client>,
 ) -> Result<(Option<PathBuf>, extract::Extraction, u32), String> {
-    let mut backoff = EXTRACT_FIRST_BACKOFF;
+    let (x, attempts) = with_retries(EXTRACT_ATTEMPTS, EXTRACT_FIRST_BACKOFF, || {
+        let mut c = match held.take() {
+            Some(c) => c,
+            None => target
+                .connect(Role::Read, timeout.max(Duration::from_secs(2)))
+                .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())?,
+        };
+        extract::extract(&mut c, None, &mut |_, _| {})
+            .map_err(|e| backdoor_abi::ErrorChain(&e).to_string())
+    })
+    .map_err(|last| format!("extraction failed {EXTRACT_ATTEMPTS} times, last: {last}"))?;
+    let file = match dir {
+        Some(d) => Some(write_extraction(d, &target.name, &x)?),
+        None => None,
+    };
+    Ok((file, x, attempts))
+}
+
+/// Tries `f` up to `attempts` times, waiting `first`, then twice as long
+/// each time, between tries: its value and the try that gave it, or the
+/// last error.
+fn with_retries<T>(
+    attempts: u32,
+    first: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> Result<(T, u32), String> {
+    let mut backoff = first;
     let mut last = String::new();
-    for attempt in 1..=EXTRACT_ATTEMPTS {
+    for attempt in 1..=attempts {
         if attempt > 1 {
             std::thread::sleep(backoff);
             backoff *= 2;
         }
-        let mut c = match held.take() {
-            Some(c) => c,
-            None => match target.connect(Role::Read, timeout.max(Duration::from_secs(2))) {
-                Ok(c) => c,
-                Err(e) => {
-                    last = backdoor_abi::ErrorChain(&e).to_string();
-                    continue;
-                }
-            },
-        };
-        match extract::extract(&mut c, None, &mut |_, _| {}) {
-            Ok(x) => {
-                let file = match dir {
-                    Some(d) => Some(write_extraction(d, &target.name, &x)?),
-                    None => None,
-                };
-                return Ok((file, x, attempt));
-            }
-            Err(e) => last = backdoor_abi::ErrorChain(&e).to_string(),
+        match f() {
+            Ok(v) => return Ok((v, attempt)),
+            Err(e) => last = e,
         }
     }
-    Err(format!(
-        "extraction failed {EXTRACT_ATTEMPTS} times, last: {last}"
-    ))
+    Err(last)
 }
 
 fn write_extraction(dir: &Path, name: &str, x: &extract::Extraction) -> Result<PathBuf, String> {

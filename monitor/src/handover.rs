@@ -94,11 +94,7 @@ pub fn hand_over(c: &mut Client, x: &Extraction, plan: &Plan) -> Result<Delivere
         .iter()
         .filter(|s| plan.service.as_deref().is_none_or(|svc| svc == s.service))
         .collect();
-    let hook = c
-        .descriptor()
-        .hooks
-        .iter()
-        .find(|h| h.name == plan.hook || h.id.to_string() == plan.hook)
+    let hook = crate::commands::find_hook(c, &plan.hook)
         .cloned()
         .ok_or_else(|| HandoverError::NoHook(plan.hook.clone()))?;
     let capacity =

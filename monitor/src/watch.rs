@@ -205,20 +205,19 @@ pub fn watch(jobs: Vec<Job>, opts: &WatchOptions) -> std::io::Result<WatchEnd> {
             Ok(Report::Action(v)) => emit(&v, opts.json, table, &mut recent),
             Ok(Report::ActionsFinished) => pending_actions -= 1,
             Ok(Report::Finished) => finished += 1,
-            Ok(Report::Cluster(Change::Own(job))) => {
-                let name = job.target.name.clone();
+            Ok(Report::Cluster(change)) => {
+                let (name, what) = match &change {
+                    Change::Own(job) => (job.target.name.clone(), "owned"),
+                    Change::Release(name) => (name.clone(), "released"),
+                };
+                // A target given again (its record changed) restarts.
                 if let Some(old) = pollers.remove(&name) {
                     old.stop.store(true, Ordering::Relaxed);
                 }
-                start(*job, &mut pollers)?;
-                let v = json!({"event": "owned", "target": name, "ts_unix_ms": now_ms()});
-                emit(&v, opts.json, table, &mut recent);
-            }
-            Ok(Report::Cluster(Change::Release(name))) => {
-                if let Some(old) = pollers.remove(&name) {
-                    old.stop.store(true, Ordering::Relaxed);
+                if let Change::Own(job) = change {
+                    start(*job, &mut pollers)?;
                 }
-                let v = json!({"event": "released", "target": name, "ts_unix_ms": now_ms()});
+                let v = json!({"event": what, "target": name, "ts_unix_ms": now_ms()});
                 emit(&v, opts.json, table, &mut recent);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}

@@ -19,15 +19,11 @@ use bdvmm_tests::{keys, Vm};
 const TTL_MS: u64 = 2000;
 
 fn etcd_or_skip(test: &str) -> bool {
-    if fake_guest_etcd_missing() {
+    if bdvmm_tests::etcd::binary().is_none() {
         bdvmm_tests::skip(test, "etcd is not installed (tools/deps.sh ensure test)");
         return false;
     }
     true
-}
-
-fn fake_guest_etcd_missing() -> bool {
-    bdvmm_tests::etcd::binary().is_none()
 }
 
 /// `bdctl targets ls --json`: target name -> owner (None: unowned).

@@ -184,33 +184,48 @@ pub fn open(
     // Unfinished, and its monitor no longer owns the target: dead, cut
     // off, or the target moved. The owner takes it over.
     let by = incident.monitor.clone();
-    let mut when = vec![Compare::mod_revision(
-        full.clone(),
-        CompareOp::Equal,
-        existing.mod_revision,
-    )];
-    when.extend(own);
     let mut taken = incident.clone();
     taken.monitor = c.id.clone();
-    let r = c.etcd.txn(
-        when,
-        vec![TxnOp::put(full.clone(), to_json(&taken), None)],
-        vec![TxnOp::get(full, None)],
-    )?;
-    if !r.succeeded() {
-        let now = c.etcd.got(&r);
-        return match now.first() {
-            Some(kv) => Ok(Opened::Taken(parse(&c.etcd, kv)?)),
-            None => Err(IncidentError::NotOwner(target.to_owned())),
-        };
-    }
-    let token = token_of(Etcd::revision(&r));
+    let revision = match replace(c, &rel, existing.mod_revision, own, &taken)? {
+        Ok(revision) => revision,
+        Err(Some(now)) => return Ok(Opened::Taken(parse(&c.etcd, &now)?)),
+        Err(None) => return Err(IncidentError::NotOwner(target.to_owned())),
+    };
+    let token = token_of(revision);
     let held = Held {
         key: rel,
-        mod_revision: Etcd::revision(&r),
+        mod_revision: revision,
         incident: taken,
     };
     held.claimed(c, token, "taken_over", serde_json::json!({ "from": by }))
+}
+
+/// Writes `value` over the incident at `rel` if it is still at
+/// `mod_revision` and `own` holds: Ok(the write's revision), or Err(the
+/// record as it is now, if there is one).
+fn replace(
+    c: &Cluster,
+    rel: &str,
+    mod_revision: i64,
+    own: Vec<Compare>,
+    value: &Incident,
+) -> Result<Result<i64, Option<super::etcd::Kv>>, IncidentError> {
+    let full = c.etcd.key(rel);
+    let mut when = vec![Compare::mod_revision(
+        full.clone(),
+        CompareOp::Equal,
+        mod_revision,
+    )];
+    when.extend(own);
+    let r = c.etcd.txn(
+        when,
+        vec![TxnOp::put(full.clone(), to_json(value), None)],
+        vec![TxnOp::get(full, None)],
+    )?;
+    if r.succeeded() {
+        return Ok(Ok(Etcd::revision(&r)));
+    }
+    Ok(Err(c.etcd.got(&r).into_iter().next()))
 }
 
 fn token_of(revision: i64) -> u64 {
@@ -255,33 +270,23 @@ impl Held {
             detail,
             at_unix_ms: now_ms(),
         });
-        let full = c.etcd.key(&self.key);
-        let mut when = vec![Compare::mod_revision(
-            full.clone(),
-            CompareOp::Equal,
-            self.mod_revision,
-        )];
-        when.extend(own);
-        let r = c.etcd.txn(
-            when,
-            vec![TxnOp::put(full.clone(), to_json(&next), None)],
-            vec![TxnOp::get(full, None)],
-        )?;
-        if !r.succeeded() {
-            let now = c.etcd.got(&r);
-            let (by, token) = now
-                .first()
-                .and_then(|kv| parse(&c.etcd, kv).ok())
-                .map_or((String::from("?"), 0), |i| (i.monitor, i.token));
-            // Same record, same writer: only the ownership compare failed.
-            if by == c.id && token == self.incident.token {
-                return Err(IncidentError::NotOwner(self.incident.target.clone()));
+        match replace(c, &self.key, self.mod_revision, own, &next)? {
+            Ok(revision) => {
+                self.mod_revision = revision;
+                self.incident = next;
+                Ok(())
             }
-            return Err(IncidentError::Lost { by, token });
+            Err(now) => {
+                let (by, token) = now
+                    .and_then(|kv| parse(&c.etcd, &kv).ok())
+                    .map_or((String::from("?"), 0), |i| (i.monitor, i.token));
+                // Same record, same writer: only the ownership compare failed.
+                if by == c.id && token == self.incident.token {
+                    return Err(IncidentError::NotOwner(self.incident.target.clone()));
+                }
+                Err(IncidentError::Lost { by, token })
+            }
         }
-        self.mod_revision = Etcd::revision(&r);
-        self.incident = next;
-        Ok(())
     }
 
     /// Why a monitor without its lease cannot go on: the incident's new

@@ -154,6 +154,8 @@ pub enum Change {
 /// taken as lost a moment before etcd would drop it.
 #[derive(Debug, Default)]
 pub struct Standing {
+    /// The lease taken (until etcd says it expired) and until when it is
+    /// surely held.
     inner: Mutex<Option<(i64, Instant)>>,
 }
 
@@ -163,6 +165,11 @@ impl Standing {
         lock(&self.inner)
             .filter(|(_, until)| Instant::now() < *until)
             .map(|(l, _)| l)
+    }
+
+    /// The lease taken, held or not: the one to renew.
+    fn taken(&self) -> Option<i64> {
+        lock(&self.inner).map(|(l, _)| l)
     }
 
     fn set(&self, v: Option<(i64, Instant)>) {
@@ -180,8 +187,6 @@ pub struct Cluster {
     /// Its lease, while held.
     pub standing: Standing,
     ttl: Duration,
-    /// The lease taken, until etcd says it expired.
-    lease: Mutex<Option<i64>>,
     /// Set when etcd said the lease expired (the next round says so).
     expired: AtomicBool,
     /// Why the last keep-alive failed (None: it did not).
@@ -208,7 +213,6 @@ impl Cluster {
             id: opts.id.clone(),
             standing: Standing::default(),
             ttl: opts.ttl,
-            lease: Mutex::new(None),
             expired: AtomicBool::new(false),
             keep_error: Mutex::new(None),
         });
@@ -245,16 +249,11 @@ impl Cluster {
     /// held (less a tick: act only while surely held).
     fn keep_lease(&self, done: &AtomicBool) {
         while !done.load(Ordering::Relaxed) {
-            let held = *lock(&self.lease);
-            if let Some(l) = held {
+            if let Some(l) = self.standing.taken() {
                 let sent = Instant::now();
                 match self.etcd.keep_alive(l) {
                     Ok(0) => {
                         // Expired: its keys (membership, owners) are gone.
-                        let mut g = lock(&self.lease);
-                        if *g == Some(l) {
-                            *g = None;
-                        }
                         self.standing.set(None);
                         self.expired.store(true, Ordering::Relaxed);
                         *lock(&self.keep_error) = None;
@@ -326,8 +325,7 @@ impl Cluster {
             }
         }
         let sent = Instant::now();
-        let held = *lock(&self.lease);
-        let l = match held {
+        let l = match self.standing.taken() {
             Some(l) => l,
             None => {
                 let l = self.etcd.grant(self.ttl)?;
@@ -340,7 +338,6 @@ impl Cluster {
                 let v = serde_json::to_vec(&rec).unwrap_or_default();
                 self.etcd
                     .put(&format!("monitors/{}", self.id), v, Some(l))?;
-                *lock(&self.lease) = Some(l);
                 self.standing
                     .set(Some((l, sent + self.ttl.saturating_sub(self.tick()))));
                 l
