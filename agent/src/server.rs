@@ -20,7 +20,7 @@ use crate::auth::{KeyFile, Keys};
 use crate::descriptor::{DescriptorSource, PublicDescriptor, VcpuSource};
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{self, Admit, Admitted, Gate, KeyRing, HANDSHAKE_DEADLINE};
-use crate::wire::{spin_until_readable, ErrorCode, Msg, Role, WireError, MAX_READ};
+use crate::wire::{BusyPoll, ErrorCode, Msg, Role, WireError, MAX_READ};
 
 /// Default bound on concurrent authenticated monitors (clients still in
 /// their handshake are bounded apart, in `handshake.rs`).
@@ -200,9 +200,10 @@ impl Agent {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         // This connection's RDMA queue pair and MRs: gone when it ends.
         let mut lease: Option<VerbsLease> = None;
+        let mut spin = BusyPoll::new(self.busy_poll);
         loop {
             if r.buffer().is_empty() {
-                spin_until_readable(fd, self.busy_poll);
+                spin.wait(fd);
             }
             let (id, msg) = match channel.recv(&mut r) {
                 Ok(m) => m,

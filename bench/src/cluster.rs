@@ -635,7 +635,8 @@ pub fn run(ctx: &Ctx) -> Section {
                 "bare sequential poll loop, targets at 10 Hz",
                 bare_targets,
                 format!("{bare:.0} polls/s = {bare_targets:.0} targets"),
-            ),
+            )
+            .headline(),
         );
     }
     // The cluster part: every thread back on every CPU.
@@ -663,7 +664,8 @@ pub fn run(ctx: &Ctx) -> Section {
                             "bound deadline + 2 × interval",
                             bound,
                             format!("{bound:.0} ms"),
-                        ),
+                        )
+                        .headline(),
                     );
                     core_series.push((format!("{} targets, 3 monitors", r.n), d.sorted.clone()));
                     sec.notes.push(format!(
@@ -691,7 +693,8 @@ pub fn run(ctx: &Ctx) -> Section {
                                 t.max, t.p50, K8S_GRACE_MS / t.max, t.max / 10.0
                             ),
                         )
-                        .against("the lease TTL", TTL_MS as f64, format!("{TTL_MS} ms")),
+                        .against("the lease TTL", TTL_MS as f64, format!("{TTL_MS} ms"))
+                        .headline(),
                     );
                     core_series
                         .push(("take-over after a monitor's death".into(), t.sorted.clone()));

@@ -2,15 +2,15 @@
 //! pairs, and how many guests × counters one monitor thread polls at
 //! 1 kHz. Baseline for both: one 8-byte READ round trip, same run.
 //!
-//! A stand-in guest thread bumps a counter in fake guest RAM every
-//! millisecond, then stops; bdctl's own poller and judge report the hang.
+//! A real guest (`bench_detect.c`, under bdvmm) bumps a counter about
+//! every millisecond until the host tells it to stop; bdctl's own poller
+//! and judge report the hang. Capacity is measured on fake guests (an
+//! agent over a memfd), where only the monitor's cost matters.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backdoor_abi::HookKind;
-use backdoor_agent::{Client, GuestMemory};
+use backdoor_agent::Client;
 use bdctl::judge::{Judge, Verdict};
 use bdctl::poll;
 use serde_json::json;
@@ -19,59 +19,44 @@ use crate::plot::Series;
 use crate::remote_reads::met;
 use crate::report::{Figure, Section};
 use crate::stats::Dist;
+use crate::vm::{reader, Served};
 use crate::Ctx;
 use bdvmm_tests::fake_guest::{self, hook};
 
 const PAIRS: [(u32, u64); 3] = [(100, 10), (100, 50), (500, 100)];
 
-/// One trial: milliseconds from the guest's last bump to bdctl's "hung"
-/// verdict, or `None` if the verdict came while the stand-in was still
-/// meant to bump (its thread got no CPU for a whole deadline: a loaded
-/// machine; the monitor's verdict was right by what it saw).
+/// One trial on the real guest: ms from the host's stop command (the
+/// guest's last bump is within about a millisecond of it) to bdctl's
+/// HUNG verdict, or `None` if the verdict came before the command (the
+/// guest's vCPU got no CPU for a whole deadline: a loaded machine; the
+/// monitor's verdict was right by what it saw).
 fn detect_once(
-    mem: &Arc<GuestMemory>,
+    served: &mut Served,
     c: &mut Client,
     interval: u64,
     run_for: Duration,
 ) -> Option<f64> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let last_bump = Arc::new(Mutex::new(Instant::now()));
-    let guest = {
-        let (mem, stop, last_bump) = (mem.clone(), stop.clone(), last_bump.clone());
-        std::thread::spawn(move || {
-            let mut v = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                v += 1;
-                mem.write(64, &v.to_le_bytes());
-                *last_bump.lock().expect("lock") = Instant::now();
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-    };
     let mut judge = Judge::new();
     let start = Instant::now();
     let mut next = start;
+    let mut stopped: Option<Instant> = None;
     let detected = loop {
-        if !stop.load(Ordering::Relaxed) && start.elapsed() >= run_for {
-            stop.store(true, Ordering::Relaxed);
+        if stopped.is_none() && start.elapsed() >= run_for {
+            served.vm.send_console("h");
+            stopped = Some(Instant::now());
         }
         let obs = poll::observe(c).map_err(|e| backdoor_abi::ErrorChain(&e).to_string());
         judge.observe(Instant::now(), obs.as_ref().map_err(Clone::clone));
         if let Some(Verdict::Hung { .. }) = judge.verdict() {
-            if !stop.load(Ordering::Relaxed) {
-                stop.store(true, Ordering::Relaxed);
-                guest.join().expect("guest thread");
-                return None;
-            }
             break Instant::now();
         }
         next += Duration::from_millis(interval);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     };
-    stop.store(true, Ordering::Relaxed);
-    guest.join().expect("guest thread");
-    let stopped = *last_bump.lock().expect("lock");
-    Some(detected.duration_since(stopped).as_secs_f64() * 1e3)
+    served.vm.send_console("r");
+    // Bumping again before the next trial's judge starts.
+    std::thread::sleep(Duration::from_millis(20));
+    stopped.map(|t| detected.duration_since(t).as_secs_f64() * 1e3)
 }
 
 /// Polls per second one thread sustains over `conns` connections to `addr`.
@@ -100,11 +85,14 @@ pub fn run(ctx: &Ctx) -> Section {
         "detection",
         "Hang detection latency and monitor capacity",
         &format!(
-            "Detection: a stand-in guest thread bumps one counter in fake guest RAM every 1 ms \
-             and stops after a varying 150–250 ms; bdctl's poller (`poll::observe`: DESCRIBE + \
-             counter READs) and judge run at the given interval against a real agent on \
-             loopback; latency is last bump → HUNG verdict, {trials} trials per pair, against \
-             the bound deadline + 2 × interval. Capacity: one monitor thread polls (one \
+            "Detection: a ring-3 guest under bdvmm (`bench_detect.c`) bumps one \
+             application-level counter about every 1 ms, with the pair's deadline; after a \
+             varying 150–250 ms the host tells it (a byte on its console, read at each bump) to \
+             stop bumping while it keeps running; bdctl's poller (`poll::observe`: DESCRIBE + \
+             counter READs) and judge run at the given interval against bdvmm's agent on \
+             loopback; latency is the stop command → HUNG verdict (the last bump is within \
+             about 1 ms of the command), {trials} trials per pair, against the bound deadline + \
+             2 × interval. Capacity: one monitor thread polls (one \
              counter READ per poll, as `bdctl watch` does between descriptor refreshes) as fast \
              as it can for {:.1} s; guests at 1 kHz = polls/s ÷ 1000. Baseline: one 8-B READ \
              round trip, same run.",
@@ -118,11 +106,14 @@ pub fn run(ctx: &Ctx) -> Section {
     let mut c = fake_guest::connect(addr);
     let rtt = Dist::new(fake_guest::read_rtt_us(&mut c, 2000));
     let rtt_text = format!("p50 {:.1} µs", rtt.p50);
+    let (mut served, _) = Served::start("bench_detect", "64M", "bench-detect: ready");
+    let mut guest = reader(served.addr);
 
     let mut dists = Vec::new();
     let mut starved_total = 0u64;
     for (deadline, interval) in PAIRS {
-        fake_guest::write_progress_box(&mem, 1, deadline);
+        served.vm.send_console(&format!("d{deadline}\n"));
+        std::thread::sleep(Duration::from_millis(50));
         // A trial whose stand-in was starved does not count; try again,
         // a bounded number of times.
         let (mut lat, mut starved) = (Vec::new(), 0u64);
@@ -131,7 +122,7 @@ pub fn run(ctx: &Ctx) -> Section {
                 break;
             }
             let run_for = Duration::from_millis(150 + (t * 37) % 100);
-            match detect_once(&mem, &mut c, interval, run_for) {
+            match detect_once(&mut served, &mut guest, interval, run_for) {
                 Some(ms) => lat.push(ms),
                 None => starved += 1,
             }
@@ -140,8 +131,8 @@ pub fn run(ctx: &Ctx) -> Section {
         if starved > 0 {
             sec.notes.push(format!(
                 "deadline {deadline} ms / interval {interval} ms: {starved} trial(s) discarded: \
-                 judged hung while the stand-in should still have been bumping (its thread got \
-                 no CPU for a whole deadline; the machine was loaded)."
+                 judged hung while the guest should still have been bumping (its vCPU got no \
+                 CPU for a whole deadline; the machine was loaded)."
             ));
         }
         if lat.is_empty() {
@@ -163,7 +154,8 @@ pub fn run(ctx: &Ctx) -> Section {
                 "bound deadline + 2 × interval",
                 bound,
                 format!("{bound:.0} ms"),
-            ),
+            )
+            .headline(),
         );
         sec.notes.push(format!(
             "deadline {deadline} ms / interval {interval} ms: every detection within the bound: {}.",
@@ -172,6 +164,9 @@ pub fn run(ctx: &Ctx) -> Section {
         dists.push(((deadline, interval), d));
     }
 
+    // The guest spins on a core of its own: gone before the capacity runs.
+    let _ = served.vm.api("stop");
+    drop((guest, served));
     let nospin = fake_guest::serve(mem.clone(), hooks(), Some(Duration::ZERO));
     let mut cap = Vec::new();
     for (conns, counters, spin) in [
@@ -184,8 +179,7 @@ pub fn run(ctx: &Ctx) -> Section {
         let per_sec = capacity(if spin { addr } else { nospin }, conns, window);
         let poll_us = 1e6 / per_sec;
         let guests = per_sec / 1000.0;
-        sec.figures.push(
-            Figure::plain(
+        let fig = Figure::plain(
                 &format!(
                     "one monitor thread, {conns} connection(s), {counters} counters/guest, agent busy-poll {}",
                     if spin { "on" } else { "off" }
@@ -197,8 +191,14 @@ pub fn run(ctx: &Ctx) -> Section {
                     guests * f64::from(counters)
                 ),
             )
-            .against("one 8-B READ", rtt.p50, rtt_text.clone()),
-        );
+            .against("one 8-B READ", rtt.p50, rtt_text.clone());
+        // The README shows the agent as it ships (busy-poll on), one
+        // connection and eight.
+        sec.figures.push(if spin && counters == 64 {
+            fig.headline()
+        } else {
+            fig
+        });
         cap.push(json!({"connections": conns, "counters": counters, "agent_busy_poll": spin,
             "polls_per_s": per_sec, "guests_at_1khz": guests, "counters_at_1khz": guests * f64::from(counters)}));
     }
@@ -223,7 +223,7 @@ pub fn run(ctx: &Ctx) -> Section {
     ctx.cdf_plot(
         &mut sec,
         "detection_cdf.svg",
-        "Hang detection latency (last bump → HUNG)",
+        "Hang detection latency, a real guest (stop command → HUNG)",
         "latency (ms)",
         &series,
     );

@@ -97,6 +97,14 @@ pub enum BenchError {
         /// Why.
         source: std::io::Error,
     },
+    /// README.md's table could not be rewritten from the results.
+    #[error("{path}: {detail}")]
+    Readme {
+        /// The file at fault.
+        path: String,
+        /// Why.
+        detail: String,
+    },
     /// Sections that panicked (their messages).
     #[error("sections failed: {0}")]
     Failed(String),

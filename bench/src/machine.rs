@@ -1,12 +1,12 @@
 //! What the numbers were measured on: CPU, cores, kernel, and whether KVM
 //! runs guests in hardware (VMX/SVM) or in software (PVM).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use bdvmm::kvm::{host_virtualization, Virtualization};
 
 /// The machine, as the report describes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// CPU model name from /proc/cpuinfo.
     pub cpu: String,
@@ -79,4 +79,27 @@ fn tsc_ghz() -> f64 {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let (c1, dt) = (rdtsc(), t0.elapsed());
     c1.wrapping_sub(c0) as f64 / dt.as_nanos() as f64
+}
+
+/// Of all cores, the percentage busy over `window` (/proc/stat: all but
+/// idle and iowait). Measured while bdbench runs nothing, it is the load
+/// other work puts on the machine.
+pub fn busy_percent(window: std::time::Duration) -> Option<f64> {
+    let sample = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let times: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let idle = times.get(3)? + times.get(4).copied().unwrap_or(0);
+        Some((times.iter().take(8).sum(), idle))
+    };
+    let (t0, i0) = sample()?;
+    std::thread::sleep(window);
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    Some(100.0 * total.saturating_sub(i1.saturating_sub(i0)) as f64 / total as f64)
 }

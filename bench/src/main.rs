@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bdbench::machine::Machine;
+use bdbench::machine::{busy_percent, Machine};
 use bdbench::report::{Report, Section};
 use bdbench::{check_binaries, BenchError, Ctx, SECTIONS};
 use clap::Parser;
@@ -23,10 +23,27 @@ struct Args {
     /// Run only these sections (comma-separated keys, e.g. remote_reads,detection).
     #[arg(long, value_delimiter = ',', value_name = "KEYS")]
     only: Vec<String>,
+    /// Run nothing: rewrite README.md's benchmark table from
+    /// results/benchmarks.json (every run into results/ does this too;
+    /// one with --only replaces just those sections there).
+    #[arg(long, conflicts_with_all = ["only", "quick", "out"])]
+    readme: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.readme {
+        return match write_readme() {
+            Ok(p) => {
+                eprintln!("bdbench: wrote the table in {}", p.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bdbench: {}", backdoor_abi::ErrorChain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(out) => {
             eprintln!("bdbench: wrote {}", out.join("BENCHMARKS.md").display());
@@ -37,6 +54,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Rewrites README.md's benchmark table from results/benchmarks.json.
+fn write_readme() -> Result<PathBuf, BenchError> {
+    let root = bdvmm_tests::repo_root();
+    let (json, readme) = (root.join("results/benchmarks.json"), root.join("README.md"));
+    let fail = |p: &PathBuf, detail: String| BenchError::Readme {
+        path: p.display().to_string(),
+        detail,
+    };
+    let text = std::fs::read_to_string(&json).map_err(|e| fail(&json, e.to_string()))?;
+    let report: Report = serde_json::from_str(&text).map_err(|e| fail(&json, e.to_string()))?;
+    let old = std::fs::read_to_string(&readme).map_err(|e| fail(&readme, e.to_string()))?;
+    let new = report
+        .splice_readme(&old)
+        .ok_or_else(|| fail(&readme, "no benchmark-table markers".into()))?;
+    std::fs::write(&readme, new).map_err(|e| fail(&readme, e.to_string()))?;
+    Ok(readme)
 }
 
 fn run(args: &Args) -> Result<PathBuf, BenchError> {
@@ -85,9 +120,11 @@ fn run(args: &Args) -> Result<PathBuf, BenchError> {
             continue;
         }
         eprintln!("bdbench: section {key} ...");
+        let busy = busy_percent(Duration::from_millis(if quick { 200 } else { 1000 }));
         let t = Instant::now();
         match std::panic::catch_unwind(|| f(&ctx)) {
-            Ok(sec) => {
+            Ok(mut sec) => {
+                sec.busy_before_pct = busy;
                 for fig in &sec.figures {
                     eprintln!("  {}: {}", fig.name, fig.result);
                 }
@@ -108,7 +145,11 @@ fn run(args: &Args) -> Result<PathBuf, BenchError> {
     if quick {
         command.push_str(" --quick");
     }
-    let report = Report {
+    if !args.only.is_empty() {
+        command.push_str(" --only ");
+        command.push_str(&args.only.join(","));
+    }
+    let mut report = Report {
         machine: ctx.machine.clone(),
         quick,
         command,
@@ -119,7 +160,21 @@ fn run(args: &Args) -> Result<PathBuf, BenchError> {
         duration_s: started.elapsed().as_secs_f64(),
         sections,
     };
+    // Some sections re-run into results/: the others stay as they were.
+    let into_results = !quick && args.out.is_none();
+    if into_results && !args.only.is_empty() {
+        if let Some(old) = std::fs::read_to_string(out.join("benchmarks.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Report>(&t).ok())
+            .filter(|old| !old.quick)
+        {
+            report = old.merged_with(report);
+        }
+    }
     report.write(&out).map_err(write_err)?;
+    if into_results && failed.is_empty() {
+        write_readme()?;
+    }
     if failed.is_empty() {
         Ok(out)
     } else {

@@ -99,3 +99,70 @@ pub fn cdf(path: &Path, title: &str, x_label: &str, series: &[Series]) -> Result
     }
     root.present().map_err(|e| err(&e))
 }
+
+/// One named line of (x, y) points.
+#[derive(Debug, Clone, Copy)]
+pub struct Line<'a> {
+    /// Legend label.
+    pub label: &'a str,
+    /// Points, by ascending x.
+    pub points: &'a [(f64, f64)],
+}
+
+/// Draws `lines` into the SVG file `path`, y on a log axis (the paths
+/// compared differ by orders of magnitude).
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    lines: &[Line],
+) -> Result<(), PlotError> {
+    let err = |e: &dyn std::fmt::Display| PlotError {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    };
+    let all = || lines.iter().flat_map(|l| l.points.iter().copied());
+    let (x_hi, y_lo, y_hi) = all()
+        .filter(|(_, y)| y.is_finite() && *y > 0.0)
+        .fold((0f64, f64::MAX, f64::MIN), |(xh, lo, hi), (x, y)| {
+            (xh.max(x), lo.min(y), hi.max(y))
+        });
+    if y_lo > y_hi {
+        return Err(err(&"no positive points"));
+    }
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_hi * 1.05, (y_lo * 0.7..y_hi * 1.4).log_scale())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, l) in lines.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(l.points.to_vec(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(l.label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        chart
+            .draw_series(l.points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}

@@ -123,7 +123,7 @@ impl Qemu {
             .tempdir_in("/dev/shm")
             .map_err(|e| format!("a directory on /dev/shm: {e}"))?;
         let ram_path = dir.path().join("ram");
-        std::fs::write(&ram_path, ram).map_err(|e| format!("QEMU's RAM file: {e}"))?;
+        write_sparse(&ram_path, ram).map_err(|e| format!("QEMU's RAM file: {e}"))?;
         // The reset vector jumps to a `hlt; jmp .-1` at the firmware's start.
         let mut fw = vec![0x90u8; 64 << 10];
         fw[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
@@ -191,6 +191,22 @@ impl Qemu {
         self.qmp.cmd("cont", Value::Null)?;
         Ok(out)
     }
+}
+
+/// Writes `bytes` to a new file at `path`, leaving its all-zero pages
+/// holes: a guest's RAM is mostly untouched, and tmpfs then keeps only
+/// what the guest wrote.
+fn write_sparse(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::create(path)?;
+    f.set_len(bytes.len() as u64)?;
+    for (i, page) in bytes.chunks(4096).enumerate() {
+        if page.iter().any(|&b| b != 0) {
+            f.seek(SeekFrom::Start(i as u64 * 4096))?;
+            f.write_all(page)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Qemu {

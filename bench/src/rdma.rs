@@ -180,7 +180,7 @@ mod measure {
             Err(e) => sec.notes.push(format!("ib_read_lat baseline failed: {e}")),
         }
         sec.figures = vec![
-            fig,
+            fig.headline(),
             Figure::plain(
                 "READ 8 B over verbs",
                 over_verbs.p50,

@@ -141,21 +141,17 @@ pub fn run(ctx: &Ctx) -> Section {
 
     let spin_name = "8-B TCP echo, busy-poll";
     sec.figures = vec![
-        Figure::plain("READ 8 B (one counter)", small.p50, "µs", lat(&small)).against(
-            spin_name,
-            echo_spin.p50,
-            lat(&echo_spin),
-        ),
+        Figure::plain("READ 8 B (one counter)", small.p50, "µs", lat(&small))
+            .against(spin_name, echo_spin.p50, lat(&echo_spin))
+            .headline(),
         Figure::plain("READ 8 B (one counter)", small.p50, "µs", lat(&small)).against(
             "8-B TCP echo, blocking",
             echo.p50,
             lat(&echo),
         ),
-        Figure::plain("READ 4 KiB", page.p50, "µs", lat(&page)).against(
-            spin_name,
-            echo_spin.p50,
-            lat(&echo_spin),
-        ),
+        Figure::plain("READ 4 KiB", page.p50, "µs", lat(&page))
+            .against(spin_name, echo_spin.p50, lat(&echo_spin))
+            .headline(),
         Figure::plain(
             "READ_BATCH of 64 counters (one round trip)",
             batch.p50,
@@ -166,14 +162,16 @@ pub fn run(ctx: &Ctx) -> Section {
             "64 × one 8-B READ",
             64.0 * small.p50,
             format!("{:.0} µs", 64.0 * small.p50),
-        ),
+        )
+        .headline(),
         Figure::plain(
             &format!("bulk READ of a {}-MiB state box", bulk >> 20),
             bulk_gbs,
             "GB/s",
             format!("{bulk_gbs:.2} GB/s"),
         )
-        .against("local copy", copy_gbs, format!("{copy_gbs:.2} GB/s")),
+        .against("local copy", copy_gbs, format!("{copy_gbs:.2} GB/s"))
+        .headline(),
         Figure::plain(
             "READ 8 B, every frame encrypted (request loop)",
             sealed_small.p50,

@@ -6,7 +6,9 @@
 //! The guest (`first_insn.elf`) writes the boot-timer port as its very
 //! first instruction; bdvmm records CLOCK_MONOTONIC at that exit.
 
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -34,21 +36,46 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("RssShmem:"))
 }
 
-/// One run: (ms to the first instruction, MiB resident beyond guest RAM).
-fn run_once(mem: &str) -> (f64, f64) {
+/// How long after its first console byte a VMM's memory is sampled:
+/// long enough for the threads it starts after boot to exist.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Spawns `cmd` (stdout piped) and waits for the first byte on its
+/// stdout: (the child, ms from just before the spawn to that byte).
+fn spawn_to_first_byte(cmd: &mut Command) -> Result<(Child, f64), String> {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let mut byte = [0u8; 1];
+    let got = child.stdout.as_mut().map(|o| o.read(&mut byte));
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    if !matches!(got, Some(Ok(1))) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("the guest never wrote its console".into());
+    }
+    Ok((child, ms))
+}
+
+/// One bdvmm run: (ms to the first instruction by the boot-timer stamp,
+/// ms to the guest's first console byte, MiB resident beyond guest RAM).
+fn run_once(mem: &str) -> (f64, f64, f64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = dir.path().join("api.sock");
     let g = guest("first_insn");
     let t0 = monotonic_ns();
-    let mut child = Command::new(bdvmm_bin())
-        .args(["run", "--test-guest"])
-        .arg(&g)
-        .args(["--ring", "3", "--mem", mem, "--api-sock"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start bdvmm");
+    let (mut child, byte_ms) = spawn_to_first_byte(
+        Command::new(bdvmm_bin())
+            .args(["run", "--test-guest"])
+            .arg(&g)
+            .args(["--ring", "3", "--mem", mem, "--api-sock"])
+            .arg(&sock),
+    )
+    .expect("bdvmm's guest reaches its console");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Ok(st) = bdvmm::api::request(&sock, "status") {
@@ -63,13 +90,80 @@ fn run_once(mem: &str) -> (f64, f64) {
         sleep(Duration::from_millis(1));
     };
     let first = status["boot_timer_ns"].as_u64().unwrap_or(t0);
+    sleep(SETTLE);
     let (rss, shmem) = rss_kib(child.id());
     let _ = bdvmm::api::request(&sock, "stop");
     let _ = child.wait();
     (
         first.saturating_sub(t0) as f64 / 1e6,
+        byte_ms,
         rss.saturating_sub(shmem) as f64 / 1024.0,
     )
+}
+
+/// Firmware for QEMU's microvm whose first act, at the reset vector, is
+/// the equivalent of first_insn's: a byte to COM1 (`mov al, 'X'; mov dx,
+/// 0x3f8; out dx, al`), then a `hlt` loop.
+fn qemu_firmware() -> Vec<u8> {
+    let mut fw = vec![0x90u8; 64 << 10];
+    fw[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
+    fw[0xfff0..0xfffb].copy_from_slice(&[
+        0xb0, b'X', 0xba, 0xf8, 0x03, 0xee, 0xea, 0x00, 0x00, 0x00, 0xf0,
+    ]);
+    fw
+}
+
+/// One QEMU run (`-M microvm -accel kvm -nodefaults -no-user-config`,
+/// RAM in a memfd like bdvmm's): (ms from the spawn to the firmware's
+/// console byte, MiB resident beyond guest RAM).
+fn qemu_once(bin: &std::path::Path, fw: &std::path::Path, mib: u64) -> Result<(f64, f64), String> {
+    let (mut child, ms) = spawn_to_first_byte(
+        Command::new(bin)
+            .args(["-M", "microvm,memory-backend=ram", "-accel", "kvm"])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-m", &format!("{mib}M"), "-object"])
+            .arg(format!("memory-backend-memfd,id=ram,size={mib}M"))
+            .args(["-serial", "stdio", "-bios"])
+            .arg(fw),
+    )?;
+    sleep(SETTLE);
+    let (rss, shmem) = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((ms, rss.saturating_sub(shmem) as f64 / 1024.0))
+}
+
+/// QEMU, when installed, with the firmware its runs boot.
+struct Peer {
+    bin: PathBuf,
+    version: String,
+    firmware: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn find() -> Result<Self, String> {
+        let bin = crate::qemu::binary()
+            .ok_or("qemu-system-x86_64 is not installed (tools/deps.sh ensure lab)")?;
+        let out = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or("?")
+            .to_owned();
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let firmware = dir.path().join("fw.bin");
+        std::fs::write(&firmware, qemu_firmware()).map_err(|e| e.to_string())?;
+        Ok(Self {
+            bin,
+            version,
+            firmware,
+            _dir: dir,
+        })
+    }
 }
 
 fn spawn_ms() -> f64 {
@@ -99,16 +193,34 @@ pub fn run(ctx: &Ctx) -> Section {
         ),
     );
     let (mut base, mut start, mut extra, mut extra_2g) = (vec![], vec![], vec![], vec![]);
+    let mut console = vec![];
+    let qemu = Peer::find();
+    let (mut q_console, mut q_extra, mut q_extra_2g) = (vec![], vec![], vec![]);
+    let mut q_err = qemu.as_ref().err().cloned();
     for _ in 0..runs {
         base.push(spawn_ms());
-        let (ms, mib) = run_once("512M");
+        let (ms, byte, mib) = run_once("512M");
         start.push(ms);
+        console.push(byte);
         extra.push(mib);
-        extra_2g.push(run_once("2G").1);
+        extra_2g.push(run_once("2G").2);
+        if let (Ok(q), None) = (&qemu, &q_err) {
+            let both = qemu_once(&q.bin, &q.firmware, 512)
+                .and_then(|(ms, mib)| Ok((ms, mib, qemu_once(&q.bin, &q.firmware, 2048)?.1)));
+            match both {
+                Ok((ms, mib, mib_2g)) => {
+                    q_console.push(ms);
+                    q_extra.push(mib);
+                    q_extra_2g.push(mib_2g);
+                }
+                Err(e) => q_err = Some(e),
+            }
+        }
     }
-    let (base, start) = (Dist::new(base), Dist::new(start));
+    let (base, start, console) = (Dist::new(base), Dist::new(start), Dist::new(console));
     let (extra, extra_2g) = (Dist::new(extra), Dist::new(extra_2g));
     let ms = |d: &Dist| format!("p50 {:.2} ms, p99 {:.2} ms", d.p50, d.p99);
+    let mib = |d: &Dist| format!("{:.1} MiB (p50)", d.p50);
     sec.figures = vec![
         Figure::plain(
             "`bdvmm run` to the guest's first instruction",
@@ -116,19 +228,75 @@ pub fn run(ctx: &Ctx) -> Section {
             "ms",
             ms(&start),
         )
-        .against("spawn `bdvmm --version` to exit", base.p50, ms(&base)),
+        .against("spawn `bdvmm --version` to exit", base.p50, ms(&base))
+        .headline(),
         Figure::plain(
             "RSS beyond guest RAM, 2-GiB guest",
             extra_2g.p50,
             "MiB",
-            format!("{:.1} MiB (p50)", extra_2g.p50),
+            mib(&extra_2g),
         )
-        .against(
-            "512-MiB guest",
-            extra.p50,
-            format!("{:.1} MiB (p50)", extra.p50),
-        ),
+        .against("512-MiB guest", extra.p50, mib(&extra)),
     ];
+    let mut q_dists = json!(null);
+    match (&qemu, q_err) {
+        (Ok(q), None) => {
+            let (qc, qe, qe2) = (
+                Dist::new(q_console),
+                Dist::new(q_extra),
+                Dist::new(q_extra_2g),
+            );
+            let name = format!("QEMU {} microvm", q.version);
+            sec.figures.push(
+                Figure::plain(
+                    "bdvmm: spawn to the guest's first console byte",
+                    console.p50,
+                    "ms",
+                    ms(&console),
+                )
+                .against(
+                    &format!("{name}: spawn to the firmware's first console byte"),
+                    qc.p50,
+                    ms(&qc),
+                )
+                .headline(),
+            );
+            for (size, mine, theirs) in [("512-MiB", &extra, &qe), ("2-GiB", &extra_2g, &qe2)] {
+                sec.figures.push(
+                    Figure::plain(
+                        &format!("bdvmm: RSS beyond guest RAM, {size} guest"),
+                        mine.p50,
+                        "MiB",
+                        mib(mine),
+                    )
+                    .against(&format!("{name}, {size} guest"), theirs.p50, mib(theirs))
+                    .headline(),
+                );
+            }
+            sec.notes.push(format!(
+                "Against {name} (`-M microvm,memory-backend=ram -accel kvm -nodefaults \
+                 -no-user-config -display none -serial stdio`, guest RAM a memfd as bdvmm's), \
+                 interleaved with bdvmm's runs: its firmware's first act at the reset vector is a \
+                 byte to COM1, as first_insn's first console byte follows its boot-timer write; \
+                 both timed from just before the spawn to the byte on the VMM's stdout. Memory is \
+                 VmRSS − RssShmem {} ms after that byte.",
+                SETTLE.as_millis()
+            ));
+            sec.notes.push(format!(
+                "Goals (issue 18): start-up under 1/5 of microvm's: {}; memory under 1/10 of \
+                 microvm's: {}.",
+                met(console.p50 < qc.p50 / 5.0),
+                met(extra.p50 < qe.p50 / 10.0 && extra_2g.p50 < qe2.p50 / 10.0)
+            ));
+            q_dists = json!({"version": q.version, "console_ms": qc,
+                "rss_beyond_ram_mib_512m": qe, "rss_beyond_ram_mib_2g": qe2});
+        }
+        // q_err holds why whenever QEMU was not found.
+        (_, e) => sec.notes.push(format!(
+            "QEMU baseline not measured: {}",
+            e.unwrap_or_default()
+        )),
+    }
     sec.notes.push(format!(
         "Targets (issue 2): first instruction under 10 ms: {}; under 10 MiB beyond guest RAM: {}.",
         met(start.p50 < 10.0),
@@ -151,6 +319,7 @@ pub fn run(ctx: &Ctx) -> Section {
         ],
     );
     sec.details = json!({"first_instruction_ms": start, "spawn_baseline_ms": base,
-        "rss_beyond_ram_mib_512m": extra, "rss_beyond_ram_mib_2g": extra_2g});
+        "console_byte_ms": console, "rss_beyond_ram_mib_512m": extra,
+        "rss_beyond_ram_mib_2g": extra_2g, "qemu": q_dists});
     sec
 }

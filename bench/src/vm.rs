@@ -83,6 +83,18 @@ impl Served {
     }
 }
 
+/// A read-role connection to a [`Served`] guest's agent.
+pub fn reader(addr: std::net::SocketAddr) -> backdoor_agent::Client {
+    backdoor_agent::Client::connect(
+        addr,
+        "bench",
+        backdoor_agent::Role::Read,
+        &bdvmm_tests::keys::READ,
+        Duration::from_secs(5),
+    )
+    .expect("connect to the agent")
+}
+
 /// The agent address of a VM started with `--backdoor-listen`.
 pub fn agent_addr(vm: &Vm) -> std::net::SocketAddr {
     vm.api("status")["agent_addr"]

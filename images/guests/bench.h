@@ -41,6 +41,31 @@ static inline void print_samples(const char *prefix, const uint64_t *v,
 }
 
 /*
+ * Registers @box (one page) as the guest's progress box, holding one
+ * application-level counter @name with @deadline_ms, and seals the
+ * backdoor; reports the outcome.  The counter, or NULL on failure.
+ */
+static inline struct bd_counter *bench_sealed_counter(unsigned long bd_base,
+						      void *box,
+						      const char *name,
+						      uint32_t deadline_ms)
+{
+	static struct bd_hook_desc desc __attribute__((aligned(64)));
+	struct bd_counter *c;
+	bool ok;
+
+	bd_pbox_init(box, BD_PAGE_SIZE);
+	c = bd_counter_alloc(box, name, deadline_ms, BD_LEVEL_APPLICATION, 0);
+	ok = c && bd_dev_probe(bd_base) == 0;
+	bd_hook_desc_fill(&desc, bd_addr(box), BD_PAGE_SIZE,
+			  BD_KIND_PROGRESS_BOX, BD_PERM_READ, "progress");
+	ok = ok && bd_hook_register(bd_base, &desc, NULL) == BD_OK;
+	ok = ok && bd_seal(bd_base) == BD_OK;
+	report(ok, "progress box registered and sealed");
+	return ok ? c : NULL;
+}
+
+/*
  * The workload guests' main loop (vCPU 0; the others idle): register a progress box with one
  * counter and seal it, then forever run @chunk (bumping the counter after
  * each, as a real service would) and, every @interval TSC cycles, print
@@ -51,23 +76,13 @@ static inline int bench_work_loop(unsigned long cpu, unsigned long bd_base,
 				  uint64_t interval)
 {
 	static unsigned char box[BD_PAGE_SIZE] __page_aligned;
-	static struct bd_hook_desc desc __attribute__((aligned(64)));
-	const bd_u64 box_len = sizeof(box);
 	struct bd_counter *c;
 	uint64_t t0, now, units;
-	bool ok;
 
 	if (cpu != 0)
 		spin_forever();
-	bd_pbox_init(box, box_len);
-	c = bd_counter_alloc(box, name, 1000, BD_LEVEL_APPLICATION, 0);
-	ok = c && bd_dev_probe(bd_base) == 0;
-	bd_hook_desc_fill(&desc, bd_addr(box), box_len, BD_KIND_PROGRESS_BOX,
-			  BD_PERM_READ, "progress");
-	ok = ok && bd_hook_register(bd_base, &desc, NULL) == BD_OK;
-	ok = ok && bd_seal(bd_base) == BD_OK;
-	report(ok, "progress box registered and sealed");
-	if (!ok)
+	c = bench_sealed_counter(bd_base, box, name, 1000);
+	if (!c)
 		return report_summary();
 	puts("bench-work: ready\n");
 	for (;;) {

@@ -3,6 +3,11 @@
  * Guest-side cost of one liveness report, three ways, timed with the TSC
  * in ring 3:
  *   bump      one store to a progress counter (the backdoor way)
+ *   single    one bump at a time, each timed alone, while the host polls
+ *             the counter's cache line over the backdoor: as the guest
+ *             pays it, and with an mfence after it (until the store is
+ *             visible, the line taken back from the monitor's core); and
+ *             the timer's own cost, with and without the mfence
  *   pet       one write to the watchdog port (i6300esb-style; one exit)
  *   heartbeat one line "hb NNNNNN\n" to the serial console (an exit a byte)
  * Each phase starts with a marker line and a quiet gap, so the host can
@@ -18,10 +23,14 @@
 #define BUMPS_PER	10000
 #define PET_SAMPLES	2000
 #define HB_SAMPLES	500
+#define SINGLE_SAMPLES	3000
+/* ~10 µs between single bumps: the monitor's read of the line lands between. */
+#define SINGLE_GAP	(1ULL << 15)
 
 static unsigned char box[BD_PAGE_SIZE] __page_aligned;
-static struct bd_hook_desc desc __attribute__((aligned(64)));
 static uint64_t bump[BUMP_SAMPLES], pet[PET_SAMPLES], hb[HB_SAMPLES];
+static uint64_t single[SINGLE_SAMPLES], empty[SINGLE_SAMPLES];
+static uint64_t fenced[SINGLE_SAMPLES], fence[SINGLE_SAMPLES];
 
 static void heartbeat(unsigned int seq)
 {
@@ -47,22 +56,14 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 	struct bd_counter *c;
 	uint64_t t;
 	unsigned int i, j;
-	bool ok;
 
 	(void)ncpus;
 	(void)ram;
 	if (cpu != 0)
 		spin_forever();
 
-	bd_pbox_init(box, sizeof(box));
-	c = bd_counter_alloc(box, "liveness", 1000, BD_LEVEL_APPLICATION, 0);
-	ok = c && bd_dev_probe(bd_base) == 0;
-	bd_hook_desc_fill(&desc, bd_addr(box), sizeof(box),
-			  BD_KIND_PROGRESS_BOX, BD_PERM_READ, "progress");
-	ok = ok && bd_hook_register(bd_base, &desc, NULL) == BD_OK;
-	ok = ok && bd_seal(bd_base) == BD_OK;
-	report(ok, "progress box registered and sealed");
-	if (!ok)
+	c = bench_sealed_counter(bd_base, box, "liveness", 1000);
+	if (!c)
 		return report_summary();
 
 	phase("bump");
@@ -71,6 +72,33 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 		for (j = 0; j < BUMPS_PER; j++)
 			bd_counter_bump(c);
 		bump[i] = rdtsc() - t;
+	}
+	spin_cycles(GAP);
+
+	phase("single");
+	for (i = 0; i < SINGLE_SAMPLES; i++) {
+		t = rdtsc();
+		bd_counter_bump(c);
+		single[i] = rdtsc() - t;
+		spin_cycles(SINGLE_GAP);
+	}
+	for (i = 0; i < SINGLE_SAMPLES; i++) {
+		t = rdtsc();
+		bd_counter_bump(c);
+		asm volatile("mfence" : : : "memory");
+		fenced[i] = rdtsc() - t;
+		spin_cycles(SINGLE_GAP);
+	}
+	for (i = 0; i < SINGLE_SAMPLES; i++) {
+		t = rdtsc();
+		empty[i] = rdtsc() - t;
+		spin_cycles(SINGLE_GAP);
+	}
+	for (i = 0; i < SINGLE_SAMPLES; i++) {
+		t = rdtsc();
+		asm volatile("mfence" : : : "memory");
+		fence[i] = rdtsc() - t;
+		spin_cycles(SINGLE_GAP);
 	}
 	spin_cycles(GAP);
 
@@ -100,6 +128,10 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram,
 	print_samples("bench-report: samples bump", bump, BUMP_SAMPLES);
 	print_samples("bench-report: samples pet", pet, PET_SAMPLES);
 	print_samples("bench-report: samples heartbeat", hb, HB_SAMPLES);
+	print_samples("bench-report: samples single", single, SINGLE_SAMPLES);
+	print_samples("bench-report: samples empty", empty, SINGLE_SAMPLES);
+	print_samples("bench-report: samples fenced", fenced, SINGLE_SAMPLES);
+	print_samples("bench-report: samples fence", fence, SINGLE_SAMPLES);
 	puts("bench-report: done\n");
 	spin_forever();
 }

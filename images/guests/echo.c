@@ -7,16 +7,6 @@
  */
 #include "lib.h"
 
-#define LSR		(COM1_PORT + 5)
-#define LSR_DATA_READY	0x01
-
-static char getc(void)
-{
-	while (!(inb(LSR) & LSR_DATA_READY))
-		cpu_relax();
-	return (char)inb(COM1_PORT);
-}
-
 int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
 	 unsigned long bd_base)
 {
@@ -31,7 +21,7 @@ int main(unsigned long cpu, unsigned long ncpus, unsigned long ram_bytes,
 
 	puts("echo: ready\n");
 	for (;;) {
-		char c = getc();
+		char c = console_getc();
 
 		if (c != '\n' && n < sizeof(line) - 1) {
 			line[n++] = c;

@@ -51,6 +51,23 @@ static inline void cpu_relax(void)
 	asm volatile("pause" : : : "memory");
 }
 
+#define COM1_LSR	(COM1_PORT + 5)
+#define LSR_DATA_READY	0x01
+
+/* Whether a byte from the host waits on COM1 (one exit to ask). */
+static inline bool console_has_input(void)
+{
+	return inb(COM1_LSR) & LSR_DATA_READY;
+}
+
+/* The next byte from the host on COM1, polled (no interrupts). */
+static inline char console_getc(void)
+{
+	while (!console_has_input())
+		cpu_relax();
+	return (char)inb(COM1_PORT);
+}
+
 /* CPL is the low two bits of CS. */
 static inline unsigned int cpu_ring(void)
 {

@@ -2,21 +2,30 @@
 //! backdoor, every record validated (seqlock, CRC32C), and the newest
 //! complete record of each session kept.
 //!
-//! Each state box is bulk-copied with pipelined READs, then every slot's
-//! seq word is read again (batched): a slot whose seq is odd or moved is
-//! re-read alone with the seqlock protocol, a bounded number of times.
-//! A record whose CRC fails is reported as corrupt and never used.
+//! Each state box is read in three steps, every one in pipelined batches:
+//! a census of every slot's seq word (empty slots are never copied), a
+//! copy of every written slot immediately followed by its seq word again,
+//! and rounds of the same for the slots that moved. A slot's copy and its
+//! re-check are one batch entry apart, so the agent reads them
+//! microseconds apart and a live guest rarely rewrites a slot in between;
+//! a slot still moving after [`MAX_RETRIES`] rounds is reported torn. A
+//! record whose CRC fails is reported as corrupt and never used.
 
 use std::collections::BTreeMap;
 
-use backdoor_abi::record::{read_slot, validate, ReadOutcome, Record};
+use backdoor_abi::record::{validate, ReadOutcome, Record};
 use backdoor_abi::{SboxHeader, LINE, LINE_LEN, SBOX_MAGIC};
 use backdoor_proto::wire::{BatchEntry, MAX_BATCH, MAX_READ};
-use backdoor_proto::{Client, ClientError, PublicDescriptor, RemoteSlot};
+use backdoor_proto::{Client, ClientError, PublicDescriptor};
 use serde::{Deserialize, Serialize};
 
 /// How many times a moving slot is re-read before it is reported torn.
 pub const MAX_RETRIES: u32 = 8;
+/// Most bytes one batch asks for: small enough that batches pipeline
+/// (the agent reads the next while this side opens the last).
+const BATCH_BYTES: u64 = 256 << 10;
+/// Batches in flight.
+const DEPTH: usize = 4;
 
 /// Counts for the summary line.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +109,9 @@ pub fn extract(
     service: Option<&str>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Extraction, ClientError> {
-    let d: PublicDescriptor = client.describe()?.clone();
+    // The connection's descriptor (WELCOME's, or its last DESCRIBE): a
+    // stale one only makes the agent refuse the reads (old generation).
+    let d: PublicDescriptor = client.descriptor().clone();
     let boxes: Vec<_> = d
         .hooks
         .iter()
@@ -141,64 +152,33 @@ pub fn extract(
             });
             continue;
         }
+        let slots = Slots {
+            hook: h.id,
+            base,
+            size: hdr.slot_size,
+        };
         let count = u64::from(hdr.slot_count);
-        let mut copy = Vec::with_capacity(usize::try_from(count * size).unwrap_or(0));
-        // Chunks hold whole slots, so a slot's seq is copied before its body.
-        let chunk = u32::try_from((u64::from(MAX_READ) / size) * size).unwrap_or(MAX_READ);
-        client.read_bulk(h.id, base, count * size, chunk, 4, |b| {
-            copy.extend_from_slice(b);
-            done += b.len() as u64;
+        let written = slots.census(client, count)?;
+        summary.slots += count;
+        summary.empty += count - written.len() as u64;
+        let box_done = done;
+        let outcomes = slots.read(client, &written, &mut |n| {
+            done = box_done + n * size;
             progress(done, total);
         })?;
-        for first in (0..count).step_by(MAX_BATCH as usize) {
-            let last = (first + u64::from(MAX_BATCH)).min(count);
-            let entries: Vec<BatchEntry> = (first..last)
-                .map(|i| BatchEntry {
-                    hook: h.id,
-                    offset: base + i * size,
-                    len: 8,
-                })
-                .collect();
-            let seqs = client.read_batch(&entries)?;
-            for (i, s2) in (first..last).zip(seqs) {
-                let at = usize::try_from(i * size).unwrap_or(usize::MAX);
-                let slot = &copy[at..at + usize::try_from(size).unwrap_or(usize::MAX)];
-                let s1 = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
-                let s2 = u64::from_le_bytes(s2.try_into().unwrap_or([0xff; 8]));
-                summary.slots += 1;
-                let outcome = if s1 == 0 && s2 == 0 {
-                    ReadOutcome::Empty
-                } else if s1 == s2 && s1 % 2 == 0 {
-                    match validate(slot, s1) {
-                        Ok(record) => ReadOutcome::Complete { record, retries: 0 },
-                        Err(c) => ReadOutcome::Corrupt(c),
-                    }
-                } else {
-                    // It moved (or was mid-write): read it alone with the seqlock protocol.
-                    let rs = RemoteSlot::new(client, h.id, base + i * size, hdr.slot_size);
-                    let out = match read_slot(&rs, MAX_RETRIES) {
-                        ReadOutcome::Complete { record, retries } => ReadOutcome::Complete {
-                            record,
-                            retries: retries + 1,
-                        },
-                        other => other,
-                    };
-                    if let Some(e) = rs.take_error() {
-                        return Err(e);
-                    }
-                    out
-                };
-                classify(
-                    outcome,
-                    &h.name,
-                    i,
-                    service,
-                    &mut summary,
-                    &mut problems,
-                    &mut newest,
-                );
-            }
+        for (i, outcome) in written.into_iter().zip(outcomes) {
+            classify(
+                outcome,
+                &h.name,
+                i,
+                service,
+                &mut summary,
+                &mut problems,
+                &mut newest,
+            );
         }
+        done = box_done + h.len;
+        progress(done, total);
     }
     // Each READ was checked against the generation (soft), or went to a
     // region the agent revokes on reset (verbs): a reboot during the copy
@@ -218,6 +198,120 @@ pub fn extract(
         sessions: newest.into_values().collect(),
         problems,
     })
+}
+
+/// The slots of one state box, and how to read them over the backdoor.
+#[derive(Debug, Clone, Copy)]
+pub struct Slots {
+    /// The state-box hook.
+    pub hook: u32,
+    /// Offset of slot 0 in the hook.
+    pub base: u64,
+    /// Bytes per slot.
+    pub size: u32,
+}
+
+impl Slots {
+    fn at(&self, slot: u64) -> u64 {
+        self.base + slot * u64::from(self.size)
+    }
+
+    /// The slots of the first `count` whose seq word is not zero.
+    pub fn census(&self, client: &mut Client, count: u64) -> Result<Vec<u64>, ClientError> {
+        let entries = (0..count).map(|i| BatchEntry {
+            hook: self.hook,
+            offset: self.at(i),
+            len: 8,
+        });
+        let bytes = client.read_batches(&batches(entries), DEPTH)?.concat();
+        Ok(bytes
+            .chunks_exact(8)
+            .zip(0..)
+            .filter(|(w, _)| w.iter().any(|&b| b != 0))
+            .map(|(_, i)| i)
+            .collect())
+    }
+
+    /// Reads `slots` with the seqlock protocol, all of them at once: each
+    /// slot's copy (its seq word first) then its seq word again, in one
+    /// stream of batches, and again for the slots that moved, at most
+    /// [`MAX_RETRIES`] more times. `copied` is told how many slots have
+    /// been copied once. One outcome per slot, in order.
+    pub fn read(
+        &self,
+        client: &mut Client,
+        slots: &[u64],
+        copied: &mut dyn FnMut(u64),
+    ) -> Result<Vec<ReadOutcome>, ClientError> {
+        let size = self.size as usize;
+        let mut outcomes = vec![ReadOutcome::Torn; slots.len()];
+        let mut pending: Vec<usize> = (0..slots.len()).collect();
+        for round in 0..=MAX_RETRIES {
+            if pending.is_empty() {
+                break;
+            }
+            let entries = pending.iter().flat_map(|&k| {
+                let at = self.at(slots[k]);
+                [
+                    BatchEntry {
+                        hook: self.hook,
+                        offset: at,
+                        len: self.size,
+                    },
+                    BatchEntry {
+                        hook: self.hook,
+                        offset: at,
+                        len: 8,
+                    },
+                ]
+            });
+            let bytes = client.read_batches(&batches(entries), DEPTH)?.concat();
+            let mut moved = Vec::new();
+            for (&k, pair) in pending.iter().zip(bytes.chunks_exact(size + 8)) {
+                let (slot, after) = pair.split_at(size);
+                let s1 = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
+                let s2 = u64::from_le_bytes(after.try_into().expect("8 bytes"));
+                outcomes[k] = if s1 == 0 && s2 == 0 {
+                    ReadOutcome::Empty
+                } else if s1 == s2 && s1 % 2 == 0 {
+                    match validate(slot, s1) {
+                        Ok(record) => ReadOutcome::Complete {
+                            record,
+                            retries: round,
+                        },
+                        Err(c) => ReadOutcome::Corrupt(c),
+                    }
+                } else {
+                    moved.push(k);
+                    continue;
+                };
+            }
+            if round == 0 {
+                copied(slots.len() as u64);
+            }
+            pending = moved;
+        }
+        Ok(outcomes)
+    }
+}
+
+/// `entries` cut into batches the agent accepts (at most [`MAX_BATCH`]
+/// entries and [`BATCH_BYTES`] bytes; an entry larger than that alone).
+fn batches(entries: impl Iterator<Item = BatchEntry>) -> Vec<Vec<BatchEntry>> {
+    let mut out: Vec<Vec<BatchEntry>> = Vec::new();
+    let mut bytes = 0u64;
+    for e in entries {
+        let full = out.last().is_none_or(|b| {
+            b.len() >= MAX_BATCH as usize || bytes + u64::from(e.len) > BATCH_BYTES
+        });
+        if full {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += u64::from(e.len);
+        out.last_mut().expect("a batch").push(e);
+    }
+    out
 }
 
 fn classify(
@@ -276,7 +370,7 @@ fn session(r: Record, hook: &str, slot: u64) -> Session {
         session_id: r.session_id,
         version: r.version,
         stage: r.stage,
-        payload_hex: r.payload.iter().map(|b| format!("{b:02x}")).collect(),
+        payload_hex: hex::encode(&r.payload),
         payload_text: text,
         hook: hook.into(),
         slot,

@@ -93,7 +93,7 @@ pub struct Client {
     channel: Channel,
     next_id: u32,
     descriptor: PublicDescriptor,
-    busy_poll: Duration,
+    busy_poll: crate::wire::BusyPoll,
     /// The agent answered SCHED with UNSUPPORTED (it serves no VMM): not
     /// asked again on this connection.
     no_sched: bool,
@@ -191,7 +191,7 @@ impl Client {
             channel,
             next_id: 1,
             descriptor,
-            busy_poll: DEFAULT_CLIENT_BUSY_POLL,
+            busy_poll: crate::wire::BusyPoll::new(DEFAULT_CLIENT_BUSY_POLL),
             no_sched: false,
             #[cfg(feature = "verbs")]
             verbs: None,
@@ -236,7 +236,7 @@ impl Client {
 
     /// How long to spin for each reply before blocking (0 disables).
     pub fn set_busy_poll(&mut self, window: Duration) {
-        self.busy_poll = window;
+        self.busy_poll = crate::wire::BusyPoll::new(window);
     }
 
     /// The descriptor as of the last WELCOME/DESCRIBE.
@@ -250,10 +250,8 @@ impl Client {
         self.channel.send(&mut self.w, id, msg)?;
         self.w.flush().map_err(WireError::from)?;
         if self.r.buffer().is_empty() {
-            crate::wire::spin_until_readable(
-                std::os::fd::AsRawFd::as_raw_fd(self.r.get_ref()),
-                self.busy_poll,
-            );
+            self.busy_poll
+                .wait(std::os::fd::AsRawFd::as_raw_fd(self.r.get_ref()));
         }
         let (rid, reply) = self.channel.recv(&mut self.r)?;
         if let Msg::Error { code, message } = reply {
@@ -338,37 +336,82 @@ impl Client {
             return Ok(());
         }
         let generation = self.descriptor.generation;
-        let mut next = 0u64; // bytes requested so far
-        let mut done = 0u64; // bytes received so far
+        let reqs = (0..len.div_ceil(chunk)).map(|i| {
+            let n = (len - i * chunk).min(chunk);
+            let req = Msg::Read {
+                generation,
+                hook,
+                offset: offset + i * chunk,
+                len: u32::try_from(n).unwrap_or(u32::MAX),
+            };
+            (req, n)
+        });
+        self.pipeline(reqs, depth, |b| sink(&b))
+    }
+
+    /// Reads many batches with up to `depth` of them in flight; returns
+    /// each batch's bytes, its entries' back to back, in order. The agent
+    /// serves a connection's requests one after another, so an entry is
+    /// read after every entry before it, in this batch or an earlier one.
+    pub fn read_batches(
+        &mut self,
+        batches: &[Vec<BatchEntry>],
+        depth: usize,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        #[cfg(feature = "verbs")]
+        if let Some(first) = batches.first().and_then(|b| b.first()) {
+            let one_hook = batches.iter().flatten().all(|e| e.hook == first.hook);
+            if self.verbs_for(first.hook).is_some() && one_hook {
+                // Queue pairs chain their READs already: batch by batch.
+                return batches
+                    .iter()
+                    .map(|b| Ok(self.read_batch(b)?.concat()))
+                    .collect();
+            }
+        }
+        let generation = self.descriptor.generation;
+        let reqs = batches.iter().map(|entries| {
+            let total: u64 = entries.iter().map(|e| u64::from(e.len)).sum();
+            let req = Msg::ReadBatch {
+                generation,
+                entries: entries.clone(),
+            };
+            (req, total)
+        });
+        let mut out = Vec::with_capacity(batches.len());
+        self.pipeline(reqs, depth, |b| out.push(b))?;
+        Ok(out)
+    }
+
+    /// Sends `reqs` (each with the length its reply must have) with up
+    /// to `depth` in flight, and gives `sink` each reply's bytes in order.
+    fn pipeline(
+        &mut self,
+        mut reqs: impl Iterator<Item = (Msg, u64)>,
+        depth: usize,
+        mut sink: impl FnMut(Vec<u8>),
+    ) -> Result<(), ClientError> {
         let mut in_flight = std::collections::VecDeque::new();
-        while done < len {
-            while next < len && in_flight.len() < depth.max(1) {
-                let n = (len - next).min(chunk);
+        loop {
+            while in_flight.len() < depth.max(1) {
+                let Some((req, n)) = reqs.next() else { break };
                 let id = self.next_id;
                 self.next_id = self.next_id.wrapping_add(1);
-                let req = Msg::Read {
-                    generation,
-                    hook,
-                    offset: offset + next,
-                    len: u32::try_from(n).unwrap_or(u32::MAX),
-                };
                 self.channel.send(&mut self.w, id, &req)?;
-                in_flight.push_back((id, n));
-                next += n;
+                in_flight.push_back((id, matches!(req, Msg::ReadBatch { .. }), n));
             }
             self.w.flush().map_err(WireError::from)?;
-            let Some((id, n)) = in_flight.pop_front() else {
-                break;
+            let Some((id, batch, n)) = in_flight.pop_front() else {
+                return Ok(());
             };
             let (rid, reply) = self.channel.recv(&mut self.r)?;
             match reply {
-                Msg::ReadOk(b) if rid == id && b.len() as u64 == n => sink(&b),
+                Msg::ReadOk(b) if !batch && rid == id && b.len() as u64 == n => sink(b),
+                Msg::ReadBatchOk(b) if batch && rid == id && b.len() as u64 == n => sink(b),
                 Msg::Error { code, message } => return Err(ClientError::Refused { code, message }),
                 other => return Err(unexpected(other)),
             }
-            done += n;
         }
-        Ok(())
     }
 
     /// Reads many ranges in one round trip; returns their bytes in order.

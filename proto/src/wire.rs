@@ -673,6 +673,57 @@ pub fn spin_until_readable(fd: std::os::fd::RawFd, window: std::time::Duration) 
     }
 }
 
+/// Most waits skipped after spins that did not pay.
+const MAX_BACKOFF: u32 = 64;
+
+/// A busy-poll window that stops spinning where spinning does not pay.
+///
+/// A spin pays when the peer answers on another core within the window.
+/// Where there is no free core (the peer shares this one, behind a
+/// spinning vCPU), the spin only holds the core the answer needs: every
+/// spin then runs out its whole window. So each spin that runs out skips
+/// the spin of the next 1, 2, 4 ... 64 waits (they block at once), and
+/// the first spin that pays ends the back-off. Yielding the core inside
+/// the spin instead loses a whole scheduler slice (milliseconds) to any
+/// CPU hog that shares it.
+#[derive(Debug, Clone)]
+pub struct BusyPoll {
+    window: std::time::Duration,
+    skip: u32,
+    backoff: u32,
+}
+
+impl BusyPoll {
+    /// Spins of up to `window` (zero: never spin).
+    pub fn new(window: std::time::Duration) -> Self {
+        Self {
+            window,
+            skip: 0,
+            backoff: 0,
+        }
+    }
+
+    /// Spins until `fd` is readable, unless backing off; returns whether
+    /// data arrived during the spin.
+    pub fn wait(&mut self, fd: std::os::fd::RawFd) -> bool {
+        if self.window.is_zero() {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        if spin_until_readable(fd, self.window) {
+            self.backoff = 0;
+            true
+        } else {
+            self.backoff = (self.backoff * 2).clamp(1, MAX_BACKOFF);
+            self.skip = self.backoff;
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -793,5 +844,35 @@ mod tests {
             Msg::decode(2, &[0; MAX_HANDSHAKE_MSG + 1]).is_err(),
             "an oversized handshake message"
         );
+    }
+
+    /// A spin that runs out makes the next waits block at once (1, then
+    /// 2, then 4 of them), and a spin that pays ends the back-off.
+    #[test]
+    fn busy_poll_backs_off_after_spins_that_run_out_and_recovers() {
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd;
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = rx.as_raw_fd();
+        let mut spin = BusyPoll::new(std::time::Duration::from_millis(1));
+        // Nothing to read: runs out, then skips one wait.
+        assert!(!spin.wait(fd));
+        tx.write_all(b"x").unwrap();
+        assert!(!spin.wait(fd), "skipped although data was there");
+        assert!(spin.wait(fd), "spins again after the skip");
+        assert!(spin.wait(fd), "no back-off after a spin that paid");
+        // Runs out twice in a row: skips 1, then 2.
+        let (_tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = rx.as_raw_fd();
+        let mut spin = BusyPoll::new(std::time::Duration::from_millis(1));
+        let pattern: Vec<bool> = (0..6).map(|_| spin.wait(fd)).collect();
+        assert_eq!(pattern, [false; 6]);
+        assert_eq!(
+            (spin.backoff, spin.skip),
+            (4, 4),
+            "ran out at waits 1, 3 and 6"
+        );
+        // A zero window never spins.
+        assert!(!BusyPoll::new(std::time::Duration::ZERO).wait(fd));
     }
 }

@@ -452,3 +452,89 @@ fn config_file_metrics_and_on_hang_command_work_together() {
         (Some("hung"), Some("os"), Some("shop1"))
     );
 }
+
+/// A live guest: bench_sessions rewrites all 1,024 of its sessions over
+/// and over (every pass raises each version by one, and each payload's
+/// cart digit follows its version) while bdctl extracts them.
+#[test]
+fn a_guest_rewriting_every_session_is_extracted_whole_while_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys::write_file(dir.path());
+    let mut vm = Vm::test_guest(
+        "bench_sessions",
+        3,
+        &[
+            "--mem",
+            "128M",
+            "--name",
+            "bench",
+            "--backdoor-listen",
+            "127.0.0.1:0",
+            "--backdoor-keys",
+            keys.to_str().unwrap(),
+        ],
+    );
+    vm.wait_line("bench-sessions: ready", T);
+    let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
+    vm.send_console("c");
+    vm.wait_line("bench-sessions: churning", T);
+    let (mut accepted, mut slots, mut newest) = (0, 0, Vec::new());
+    for round in 0..5 {
+        let (x, summary) = extract(
+            &format!("bench@{addr}"),
+            &keys,
+            &dir.path().join(format!("x{round}.json")),
+        );
+        let s = &x["summary"];
+        assert_eq!(s["corrupt"], 0, "{summary}");
+        let sessions = x["sessions"].as_array().unwrap();
+        // Every session is there, or its slot is reported torn: none lost.
+        assert_eq!(
+            sessions.len() as u64 + s["torn"].as_u64().unwrap(),
+            1024,
+            "{summary}"
+        );
+        for r in sessions {
+            let (id, version) = (
+                r["session_id"].as_u64().unwrap(),
+                r["version"].as_u64().unwrap(),
+            );
+            let text = r["payload_text"].as_str().unwrap();
+            let cart = (id - 1 + version) % 7;
+            assert!(
+                text.starts_with(&format!("session-{:04}: cart={cart}", id - 1)),
+                "session {id} version {version} holds another version's payload: {text}"
+            );
+        }
+        accepted += s["accepted"].as_u64().unwrap();
+        slots += 1024;
+        newest.push(
+            sessions
+                .iter()
+                .map(|r| r["version"].as_u64().unwrap())
+                .max(),
+        );
+    }
+    vm.send_console("s");
+    let still = vm.wait_line("bench-sessions: still", T);
+    let last: u64 = still.split_whitespace().last().unwrap().parse().unwrap();
+    // The guest wrote throughout: later extractions saw newer versions,
+    // and none saw a version the guest had not yet written.
+    assert!(newest.windows(2).all(|w| w[0] < w[1]), "{newest:?}");
+    assert!(
+        newest.iter().all(|v| v.unwrap() <= last),
+        "{newest:?} > {last}"
+    );
+    // Torn is an honest answer for a slot rewritten at every look, but a
+    // live guest must not make extraction fail: nearly all are read.
+    assert!(accepted * 100 >= slots * 99, "{accepted} of {slots}");
+    // Once it is still, one extraction has every session at the last version.
+    let (x, summary) = extract(
+        &format!("bench@{addr}"),
+        &keys,
+        &dir.path().join("still.json"),
+    );
+    let sessions = x["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1024, "{summary}");
+    assert!(sessions.iter().all(|r| r["version"] == last), "{summary}");
+}
