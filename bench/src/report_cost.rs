@@ -164,7 +164,7 @@ pub fn run(ctx: &Ctx) -> Section {
                 fence.p50
             ),
         )
-        .against("watchdog pet: p99", pet.p99, format!("p99 {:.0} ns", pet.p99))
+        .against("watchdog pet", pet.p99, format!("p99 {:.0} ns", pet.p99))
         .headline(),
     );
     sec.notes.push(format!(
