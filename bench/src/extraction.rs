@@ -231,11 +231,7 @@ pub fn run(ctx: &Ctx) -> Section {
         ("1G", 1024, 10)
     };
     let small = if ctx.quick { 100 } else { 1000 };
-    let (mut served, line) = Served::start("bench_sessions", mem, "bench-sessions: ready");
-    let want = numbers_after(&line, "bench-sessions: ready")
-        .first()
-        .and_then(|&n| usize::try_from(n).ok())
-        .unwrap_or(0);
+    let (mut served, want) = sessions_guest(mem);
     let addr = served.addr;
     let mut sec = Section::new(
         5,
@@ -370,7 +366,13 @@ pub fn run(ctx: &Ctx) -> Section {
     let sizes: &[u64] = if ctx.quick { &[] } else { &[2048, 4096] };
     for &size in sizes {
         match size_run(ctx, size, 3) {
-            Ok(p) => scaling.push(p),
+            Ok((p, qemu_err)) => {
+                scaling.push(p);
+                if let Some(e) = qemu_err {
+                    sec.notes
+                        .push(format!("QEMU not measured on the {size} MiB guest: {e}"));
+                }
+            }
             Err(e) => sec
                 .notes
                 .push(format!("{size} MiB guest not measured: {e}")),
@@ -414,17 +416,21 @@ impl SizePoint {
     }
 }
 
-/// The extractions (no small reads, no live guest) on a guest of `mib` MiB.
-fn size_run(ctx: &Ctx, mib: u64, reps: usize) -> Result<SizePoint, String> {
-    let (served, line) = Served::start(
-        "bench_sessions",
-        &format!("{mib}M"),
-        "bench-sessions: ready",
-    );
+/// The bench_sessions guest with `mem` of RAM, and how many sessions it
+/// says it keeps.
+fn sessions_guest(mem: &str) -> (Served, usize) {
+    let (served, line) = Served::start("bench_sessions", mem, "bench-sessions: ready");
     let want = numbers_after(&line, "bench-sessions: ready")
         .first()
         .and_then(|&n| usize::try_from(n).ok())
         .unwrap_or(0);
+    (served, want)
+}
+
+/// The extractions (no small reads, no live guest) on a guest of `mib`
+/// MiB; and why the QEMU side was not measured, if it was not.
+fn size_run(ctx: &Ctx, mib: u64, reps: usize) -> Result<(SizePoint, Option<String>), String> {
+    let (served, want) = sessions_guest(&format!("{mib}M"));
     let mut dump = vec![1u8; usize::try_from(mib << 20).map_err(|e| e.to_string())?];
     let (mut first, mut all, mut d_first, mut d_all) = (vec![], vec![], vec![], vec![]);
     for _ in 0..reps {
@@ -436,19 +442,14 @@ fn size_run(ctx: &Ctx, mib: u64, reps: usize) -> Result<SizePoint, String> {
     }
     let _ = served.vm.api("stop");
     let mut q = QemuRun::default();
-    if let Err(e) = qemu_runs(ctx, served.addr, &dump, want, reps, &mut q, false) {
+    let qemu_err = qemu_runs(ctx, served.addr, &dump, want, reps, &mut q, false).err();
+    if qemu_err.is_some() {
+        // Half a run's samples would be a figure of another method.
         q = QemuRun::default();
-        q.skipped = Some(e);
     }
     let d = |v: Vec<f64>| Dist::new(v);
-    Ok(SizePoint::new(
-        mib,
-        &d(first),
-        &d(all),
-        &d(d_first),
-        &d(d_all),
-        &q,
-    ))
+    let point = SizePoint::new(mib, &d(first), &d(all), &d(d_first), &d(d_all), &q);
+    Ok((point, qemu_err))
 }
 
 /// Extraction time against guest RAM size, every path.
@@ -512,15 +513,14 @@ fn scaling_plot(ctx: &Ctx, sec: &mut Section, points: &[SizePoint]) {
 
 /// The small reads' latency CDFs, bdctl against QEMU.
 fn small_reads_plot(ctx: &Ctx, sec: &mut Section, q: &QemuRun) {
-    let sorted = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v
-    };
-    let s: Vec<Vec<f64>> = q.small.iter().map(|v| sorted(v)).collect();
-    if s.iter().any(Vec::is_empty) {
+    let Some(s) = q
+        .small
+        .iter()
+        .map(|v| dist_or_none(v).map(|d| d.sorted))
+        .collect::<Option<Vec<_>>>()
+    else {
         return;
-    }
+    };
     let labels = [
         "bdctl READ 8 B",
         "QEMU pmemsave 8 B",
@@ -600,67 +600,62 @@ impl QemuRun {
         let ms = |d: &Dist| format!("p50 {:.2} ms (min {:.2}, max {:.2})", d.p50, d.min, d.max);
         let us = |d: &Dist| format!("p50 {:.1} µs, p99 {:.1} µs", d.p50, d.p99);
         // The README shows all but the second small-read baseline (xp).
-        let mut vs =
-            |name: &str, mine: &Dist, base: &str, theirs: &[f64], fmt: &dyn Fn(&Dist) -> String| {
-                if let Some(d) = dist_or_none(theirs) {
-                    let unit = if fmt(mine).contains("µs") {
-                        "µs"
-                    } else {
-                        "ms"
-                    };
-                    let f = Figure::plain(name, mine.p50, unit, fmt(mine)).against(
-                        &format!("{q}: {base}"),
-                        d.p50,
-                        fmt(&d),
-                    );
-                    out.push(if base.starts_with("HMP") {
-                        f
-                    } else {
-                        f.headline()
-                    });
-                }
-            };
+        let mut vs = |name: &str, mine: &Dist, base: &str, theirs: &[f64], unit: &'static str| {
+            let fmt = |d: &Dist| if unit == "µs" { us(d) } else { ms(d) };
+            if let Some(d) = dist_or_none(theirs) {
+                let f = Figure::plain(name, mine.p50, unit, fmt(mine)).against(
+                    &format!("{q}: {base}"),
+                    d.p50,
+                    fmt(&d),
+                );
+                out.push(if base.starts_with("HMP") {
+                    f
+                } else {
+                    f.headline()
+                });
+            }
+        };
         vs(
             "backdoor: first valid session",
             first,
             "stop + dump-guest-memory to tmpfs + scan to the first record",
             &self.dump_first,
-            &ms,
+            "ms",
         );
         vs(
             "backdoor: first valid session",
             first,
             "pmemsave of 4 KiB at the box's known address + validate",
             &self.pmem_first,
-            &ms,
+            "ms",
         );
         vs(
             "backdoor: first valid session, connection already open (as bdctl watch)",
             held_first,
             "pmemsave of 4 KiB at the box's known address + validate, QMP connection already open",
             &self.pmem_first,
-            &ms,
+            "ms",
         );
         vs(
             &format!("backdoor: all {want} sessions"),
             all,
             "stop + dump-guest-memory to tmpfs + full scan",
             &self.dump_all,
-            &ms,
+            "ms",
         );
         vs(
             &format!("backdoor: all {want} sessions"),
             all,
             "pmemsave of the whole state box + validate",
             &self.pmem_box,
-            &ms,
+            "ms",
         );
         vs(
             &format!("backdoor: all {want} sessions, connection already open (as bdctl watch)"),
             held,
             "pmemsave of the whole state box + validate, QMP connection already open",
             &self.pmem_box,
-            &ms,
+            "ms",
         );
         if let Some(b8) = dist_or_none(&self.small[0]) {
             vs(
@@ -668,14 +663,14 @@ impl QemuRun {
                 &b8,
                 "pmemsave of 8 B (QMP)",
                 &self.small[1],
-                &us,
+                "µs",
             );
             vs(
                 "READ 8 B, persistent connection",
                 &b8,
                 "HMP xp /1gx (QMP human-monitor-command)",
                 &self.small[2],
-                &us,
+                "µs",
             );
         }
         if let Some(b4k) = dist_or_none(&self.small[3]) {
@@ -684,7 +679,7 @@ impl QemuRun {
                 &b4k,
                 "pmemsave of 4 KiB (QMP)",
                 &self.small[4],
-                &us,
+                "µs",
             );
         }
         out

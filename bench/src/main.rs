@@ -33,7 +33,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.readme {
-        return match write_readme() {
+        let json = bdvmm_tests::repo_root().join("results/benchmarks.json");
+        return match load_report(&json).and_then(|r| write_readme(&r)) {
             Ok(p) => {
                 eprintln!("bdbench: wrote the table in {}", p.display());
                 ExitCode::SUCCESS
@@ -56,16 +57,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Rewrites README.md's benchmark table from results/benchmarks.json.
-fn write_readme() -> Result<PathBuf, BenchError> {
-    let root = bdvmm_tests::repo_root();
-    let (json, readme) = (root.join("results/benchmarks.json"), root.join("README.md"));
-    let fail = |p: &PathBuf, detail: String| BenchError::Readme {
-        path: p.display().to_string(),
+fn readme_error(path: &std::path::Path, detail: String) -> BenchError {
+    BenchError::Readme {
+        path: path.display().to_string(),
         detail,
-    };
-    let text = std::fs::read_to_string(&json).map_err(|e| fail(&json, e.to_string()))?;
-    let report: Report = serde_json::from_str(&text).map_err(|e| fail(&json, e.to_string()))?;
+    }
+}
+
+/// A report as written to `json` (a benchmarks.json).
+fn load_report(json: &std::path::Path) -> Result<Report, BenchError> {
+    let text = std::fs::read_to_string(json).map_err(|e| readme_error(json, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| readme_error(json, e.to_string()))
+}
+
+/// Rewrites README.md's benchmark table from `report` (what
+/// results/benchmarks.json holds).
+fn write_readme(report: &Report) -> Result<PathBuf, BenchError> {
+    let readme = bdvmm_tests::repo_root().join("README.md");
+    let fail = |p: &PathBuf, detail: String| readme_error(p, detail);
     let old = std::fs::read_to_string(&readme).map_err(|e| fail(&readme, e.to_string()))?;
     let new = report
         .splice_readme(&old)
@@ -163,9 +172,8 @@ fn run(args: &Args) -> Result<PathBuf, BenchError> {
     // Some sections re-run into results/: the others stay as they were.
     let into_results = !quick && args.out.is_none();
     if into_results && !args.only.is_empty() {
-        if let Some(old) = std::fs::read_to_string(out.join("benchmarks.json"))
+        if let Some(old) = load_report(&out.join("benchmarks.json"))
             .ok()
-            .and_then(|t| serde_json::from_str::<Report>(&t).ok())
             .filter(|old| !old.quick)
         {
             report = old.merged_with(report);
@@ -173,7 +181,7 @@ fn run(args: &Args) -> Result<PathBuf, BenchError> {
     }
     report.write(&out).map_err(write_err)?;
     if into_results && failed.is_empty() {
-        write_readme()?;
+        write_readme(&report)?;
     }
     if failed.is_empty() {
         Ok(out)

@@ -26,6 +26,30 @@ pub fn binary() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
+/// A 64-KiB firmware for microvm (`-bios`): at the reset vector, the
+/// real-mode bytes `first` (at most 11), then a far jump to a `hlt` loop
+/// at the firmware's start.
+pub fn firmware(first: &[u8]) -> Vec<u8> {
+    let mut fw = vec![0x90u8; 64 << 10];
+    fw[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
+    let jump = 0xfff0 + first.len();
+    fw[0xfff0..jump].copy_from_slice(first);
+    fw[jump..jump + 5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
+    fw
+}
+
+/// `bin -M microvm,memory-backend=ram -accel kvm -nodefaults
+/// -no-user-config -display none` with `mib` MiB of RAM, `ram_object`
+/// (the `-object` defining the backend `ram`) and firmware `fw`.
+pub fn microvm(bin: &Path, mib: u64, ram_object: &str, fw: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["-M", "microvm,memory-backend=ram", "-accel", "kvm"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-m", &format!("{mib}M"), "-object", ram_object, "-bios"])
+        .arg(fw);
+    cmd
+}
+
 /// A QMP connection.
 #[derive(Debug)]
 pub struct Qmp {
@@ -124,25 +148,16 @@ impl Qemu {
             .map_err(|e| format!("a directory on /dev/shm: {e}"))?;
         let ram_path = dir.path().join("ram");
         write_sparse(&ram_path, ram).map_err(|e| format!("QEMU's RAM file: {e}"))?;
-        // The reset vector jumps to a `hlt; jmp .-1` at the firmware's start.
-        let mut fw = vec![0x90u8; 64 << 10];
-        fw[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
-        fw[0xfff0..0xfff5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
+        // The firmware only halts.
         let fw_path = dir.path().join("fw.bin");
-        std::fs::write(&fw_path, fw).map_err(|e| format!("firmware: {e}"))?;
+        std::fs::write(&fw_path, firmware(&[])).map_err(|e| format!("firmware: {e}"))?;
         let sock = dir.path().join("qmp.sock");
-        let mib = ram.len() >> 20;
-        let child = Command::new(bin)
-            .args(["-M", "microvm,memory-backend=ram", "-accel", "kvm"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-m", &format!("{mib}M")])
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=ram,size={mib}M,mem-path={},share=on",
-                ram_path.display()
-            ))
-            .arg("-bios")
-            .arg(&fw_path)
+        let mib = ram.len() as u64 >> 20;
+        let ram_object = format!(
+            "memory-backend-file,id=ram,size={mib}M,mem-path={},share=on",
+            ram_path.display()
+        );
+        let child = microvm(&bin, mib, &ram_object, &fw_path)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .stdin(Stdio::null())

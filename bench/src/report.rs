@@ -53,6 +53,15 @@ impl Figure {
         }
     }
 
+    /// Its table cells after the result: the baseline and the ratio
+    /// (empty without a baseline).
+    fn baseline_cells(&self) -> (String, String) {
+        match (&self.baseline, self.ratio) {
+            (Some(b), Some(r)) => (format!("{}: {}", b.name, b.result), ratio_text(r)),
+            _ => (String::new(), String::new()),
+        }
+    }
+
     /// Marks it for the README's table.
     pub fn headline(mut self) -> Self {
         self.headline = true;
@@ -203,10 +212,7 @@ impl Report {
                 );
             }
             for f in &sec.figures {
-                let (b, r) = match (&f.baseline, f.ratio) {
-                    (Some(b), Some(r)) => (format!("{}: {}", b.name, b.result), ratio_text(r)),
-                    _ => ("".into(), "".into()),
-                };
+                let (b, r) = f.baseline_cells();
                 let _ = writeln!(s, "| {} | {} | {} | {} |", f.name, f.result, b, r);
             }
             s.push('\n');
@@ -253,10 +259,7 @@ impl Report {
         );
         for sec in &self.sections {
             for f in sec.figures.iter().filter(|f| f.headline) {
-                let (b, r) = match (&f.baseline, f.ratio) {
-                    (Some(b), Some(r)) => (format!("{}: {}", b.name, b.result), ratio_text(r)),
-                    _ => (String::new(), String::new()),
-                };
+                let (b, r) = f.baseline_cells();
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {b} | {r} | {} |",

@@ -9,6 +9,7 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use backdoor_agent::Client;
 use serde_json::json;
 
 use crate::plot::Series;
@@ -22,15 +23,40 @@ const PHASES: [&str; 5] = ["bump", "single", "pet", "heartbeat", "end"];
 /// section 2: a 64-byte header, then 64-byte counters, value first).
 const COUNTER_OFFSET: u64 = 64;
 
+/// The guest's counter, read over the backdoor.
+struct Counter {
+    client: Client,
+    hook: u32,
+}
+
+impl Counter {
+    fn connect(addr: std::net::SocketAddr) -> Self {
+        let client = crate::vm::reader(addr);
+        let hook = client
+            .descriptor()
+            .hook("progress")
+            .expect("a progress box")
+            .id;
+        Self { client, hook }
+    }
+
+    fn read(&mut self) -> u64 {
+        let raw = self
+            .client
+            .read(self.hook, COUNTER_OFFSET, 8)
+            .expect("read the counter");
+        u64::from_le_bytes(raw.try_into().expect("8 bytes"))
+    }
+}
+
 /// Polls the guest's counter over the backdoor, back to back, until
 /// `stop`; returns the number of polls.
 fn poll_counter(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
-        let mut c = crate::vm::reader(addr);
-        let hook = c.descriptor().hook("progress").expect("a progress box").id;
+        let mut counter = Counter::connect(addr);
         let mut polls = 0;
         while !stop.load(Ordering::Relaxed) {
-            c.read(hook, COUNTER_OFFSET, 8).expect("read the counter");
+            counter.read();
             polls += 1;
         }
         polls
@@ -77,12 +103,7 @@ pub fn run(ctx: &Ctx) -> Section {
     }
     let polls = poller.map_or(0, |p| p.join().expect("the poller"));
     // What the backdoor says the guest bumped, against what it did.
-    let over_backdoor = {
-        let mut c = crate::vm::reader(served.addr);
-        let hook = c.descriptor().hook("progress").expect("a progress box").id;
-        let raw = c.read(hook, COUNTER_OFFSET, 8).expect("read the counter");
-        u64::from_le_bytes(raw.try_into().expect("8 bytes"))
-    };
+    let over_backdoor = Counter::connect(served.addr).read();
     let vm = &mut served.vm;
     vm.wait_line("bench-report: done", T);
     let console = vm.console();

@@ -101,30 +101,17 @@ fn run_once(mem: &str) -> (f64, f64, f64) {
     )
 }
 
-/// Firmware for QEMU's microvm whose first act, at the reset vector, is
-/// the equivalent of first_insn's: a byte to COM1 (`mov al, 'X'; mov dx,
-/// 0x3f8; out dx, al`), then a `hlt` loop.
-fn qemu_firmware() -> Vec<u8> {
-    let mut fw = vec![0x90u8; 64 << 10];
-    fw[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
-    fw[0xfff0..0xfffb].copy_from_slice(&[
-        0xb0, b'X', 0xba, 0xf8, 0x03, 0xee, 0xea, 0x00, 0x00, 0x00, 0xf0,
-    ]);
-    fw
-}
+/// The firmware's first act at the reset vector, the equivalent of
+/// first_insn's: a byte to COM1 (`mov al, 'X'; mov dx, 0x3f8; out dx, al`).
+const COM1_BYTE: [u8; 6] = [0xb0, b'X', 0xba, 0xf8, 0x03, 0xee];
 
 /// One QEMU run (`-M microvm -accel kvm -nodefaults -no-user-config`,
 /// RAM in a memfd like bdvmm's): (ms from the spawn to the firmware's
 /// console byte, MiB resident beyond guest RAM).
 fn qemu_once(bin: &std::path::Path, fw: &std::path::Path, mib: u64) -> Result<(f64, f64), String> {
+    let ram_object = format!("memory-backend-memfd,id=ram,size={mib}M");
     let (mut child, ms) = spawn_to_first_byte(
-        Command::new(bin)
-            .args(["-M", "microvm,memory-backend=ram", "-accel", "kvm"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-m", &format!("{mib}M"), "-object"])
-            .arg(format!("memory-backend-memfd,id=ram,size={mib}M"))
-            .args(["-serial", "stdio", "-bios"])
-            .arg(fw),
+        crate::qemu::microvm(bin, mib, &ram_object, fw).args(["-serial", "stdio"]),
     )?;
     sleep(SETTLE);
     let (rss, shmem) = rss_kib(child.id());
@@ -156,7 +143,7 @@ impl Peer {
             .to_owned();
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let firmware = dir.path().join("fw.bin");
-        std::fs::write(&firmware, qemu_firmware()).map_err(|e| e.to_string())?;
+        std::fs::write(&firmware, crate::qemu::firmware(&COM1_BYTE)).map_err(|e| e.to_string())?;
         Ok(Self {
             bin,
             version,

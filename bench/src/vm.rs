@@ -97,10 +97,9 @@ pub fn reader(addr: std::net::SocketAddr) -> backdoor_agent::Client {
 
 /// The agent address of a VM started with `--backdoor-listen`.
 pub fn agent_addr(vm: &Vm) -> std::net::SocketAddr {
-    vm.api("status")["agent_addr"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("bdvmm reports its agent address")
+    vm.agent_addr()
+        .parse()
+        .expect("bdvmm's agent address is an address")
 }
 
 #[cfg(test)]

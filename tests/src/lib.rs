@@ -352,6 +352,15 @@ impl Vm {
         serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
     }
 
+    /// Where the agent of a VM started with `--backdoor-listen` listens,
+    /// from `status`.
+    pub fn agent_addr(&self) -> String {
+        self.api("status")["agent_addr"]
+            .as_str()
+            .expect("bdvmm reports its agent address")
+            .to_owned()
+    }
+
     /// Sum of one exit reason over all vCPUs, from `status`.
     pub fn exits(&self, reason: &str) -> u64 {
         let st = self.api("exits");
@@ -726,7 +735,7 @@ pub mod shop {
         args.extend_from_slice(extra);
         let mut vm = Vm::test_guest("svc", 0, &args);
         vm.wait_line("svc: serving sessions", T);
-        let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
+        let addr = vm.agent_addr();
         Shop {
             vm,
             addr,

@@ -475,7 +475,7 @@ fn a_guest_rewriting_every_session_is_extracted_whole_while_it_writes() {
         ],
     );
     vm.wait_line("bench-sessions: ready", T);
-    let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
+    let addr = vm.agent_addr();
     vm.send_console("c");
     vm.wait_line("bench-sessions: churning", T);
     let (mut accepted, mut slots, mut newest) = (0, 0, Vec::new());
