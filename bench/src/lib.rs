@@ -1,6 +1,7 @@
-//! bdbench: backdoor-vmm's benchmark suite. Nine sections (issue 7; the
-//! seventh, RDMA verbs, runs in the lab; the ninth, cluster monitoring,
-//! issue 15), each figure measured in the same
+//! bdbench: backdoor-vmm's benchmark suite. Ten sections (issue 7; the
+//! seventh, RDMA verbs, and the tenth, hang detection of a Linux guest, run
+//! in the lab; the ninth, cluster monitoring, issue 15), each figure
+//! measured in the same
 //! run as its baseline and given as a ratio;
 //! the result is `BENCHMARKS.md`, `benchmarks.json` and SVG plots.
 
@@ -10,6 +11,7 @@ pub mod detection;
 pub mod extraction;
 pub mod frame_crypto;
 pub mod kernel_log;
+pub mod linux_detection;
 pub mod machine;
 pub mod overhead;
 pub mod plot;
@@ -68,7 +70,7 @@ impl Ctx {
 pub type SectionFn = fn(&Ctx) -> Section;
 
 /// The sections, in order.
-pub const SECTIONS: [(&str, SectionFn); 9] = [
+pub const SECTIONS: [(&str, SectionFn); 10] = [
     ("report_cost", report_cost::run),
     ("overhead", overhead::run),
     ("remote_reads", remote_reads::run),
@@ -78,6 +80,7 @@ pub const SECTIONS: [(&str, SectionFn); 9] = [
     ("rdma", rdma::run),
     ("kernel_log", kernel_log::run),
     ("cluster", cluster::run),
+    ("linux_detection", linux_detection::run),
 ];
 
 /// Errors of the suite as a whole.

@@ -26,12 +26,22 @@ pub fn binary() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
+/// Firmware code that halts for good.
+pub const HALT: &[u8] = &[0xf4, 0xeb, 0xfd];
+
+/// Firmware code that polls COM1's line status until a byte arrives, then
+/// writes port 0xf4 (`-device isa-debug-exit,iobase=0xf4`): `1: mov dx,
+/// 0x3fd; in al, dx; test al, 1; jz 1b; mov al, 0; out 0xf4, al; hlt`.
+pub const EXIT_ON_KEY: &[u8] = &[
+    0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf8, 0xb0, 0x00, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd,
+];
+
 /// A 64-KiB firmware for microvm (`-bios`): at the reset vector, the
-/// real-mode bytes `first` (at most 11), then a far jump to a `hlt` loop
-/// at the firmware's start.
-pub fn firmware(first: &[u8]) -> Vec<u8> {
+/// real-mode bytes `first` (at most 11), then a far jump to `then` at the
+/// firmware's start.
+pub fn firmware(first: &[u8], then: &[u8]) -> Vec<u8> {
     let mut fw = vec![0x90u8; 64 << 10];
-    fw[..3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
+    fw[..then.len()].copy_from_slice(then);
     let jump = 0xfff0 + first.len();
     fw[0xfff0..jump].copy_from_slice(first);
     fw[jump..jump + 5].copy_from_slice(&[0xea, 0x00, 0x00, 0x00, 0xf0]);
@@ -150,7 +160,7 @@ impl Qemu {
         write_sparse(&ram_path, ram).map_err(|e| format!("QEMU's RAM file: {e}"))?;
         // The firmware only halts.
         let fw_path = dir.path().join("fw.bin");
-        std::fs::write(&fw_path, firmware(&[])).map_err(|e| format!("firmware: {e}"))?;
+        std::fs::write(&fw_path, firmware(&[], HALT)).map_err(|e| format!("firmware: {e}"))?;
         let sock = dir.path().join("qmp.sock");
         let mib = ram.len() as u64 >> 20;
         let ram_object = format!(

@@ -6,7 +6,7 @@
 //! The guest (`first_insn.elf`) writes the boot-timer port as its very
 //! first instruction; bdvmm records CLOCK_MONOTONIC at that exit.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -45,7 +45,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 fn spawn_to_first_byte(cmd: &mut Command) -> Result<(Child, f64), String> {
     let t0 = Instant::now();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -61,9 +61,43 @@ fn spawn_to_first_byte(cmd: &mut Command) -> Result<(Child, f64), String> {
     Ok((child, ms))
 }
 
-/// One bdvmm run: (ms to the first instruction by the boot-timer stamp,
-/// ms to the guest's first console byte, MiB resident beyond guest RAM).
-fn run_once(mem: &str) -> (f64, f64, f64) {
+/// Sends a byte to the console of `child`, whose guest then writes its
+/// exit port: ms from the send until the VMM is reaped.
+fn key_to_reaped(child: &mut Child) -> Result<f64, String> {
+    let t0 = Instant::now();
+    let sent = child.stdin.take().map(|mut i| i.write_all(b"q"));
+    if !matches!(sent, Some(Ok(()))) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("the VMM's console input is closed".into());
+    }
+    let deadline = t0 + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return Ok(t0.elapsed().as_secs_f64() * 1e3),
+            Ok(None) if Instant::now() < deadline => sleep(Duration::from_micros(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the guest did not exit on its console key".into());
+            }
+        }
+    }
+}
+
+/// One bdvmm run.
+struct BdvmmRun {
+    /// ms to the first instruction by the boot-timer stamp.
+    first_ms: f64,
+    /// ms to the guest's first console byte.
+    byte_ms: f64,
+    /// MiB resident beyond guest RAM.
+    extra_mib: f64,
+    /// ms from a console key (the guest then exits) to the reaped VMM.
+    exit_ms: f64,
+}
+
+fn run_once(mem: &str) -> BdvmmRun {
     let dir = tempfile::tempdir().expect("temp dir");
     let sock = dir.path().join("api.sock");
     let g = guest("first_insn");
@@ -92,13 +126,13 @@ fn run_once(mem: &str) -> (f64, f64, f64) {
     let first = status["boot_timer_ns"].as_u64().unwrap_or(t0);
     sleep(SETTLE);
     let (rss, shmem) = rss_kib(child.id());
-    let _ = bdvmm::api::request(&sock, "stop");
-    let _ = child.wait();
-    (
-        first.saturating_sub(t0) as f64 / 1e6,
+    let exit_ms = key_to_reaped(&mut child).expect("bdvmm's guest exits on its key");
+    BdvmmRun {
+        first_ms: first.saturating_sub(t0) as f64 / 1e6,
         byte_ms,
-        rss.saturating_sub(shmem) as f64 / 1024.0,
-    )
+        extra_mib: rss.saturating_sub(shmem) as f64 / 1024.0,
+        exit_ms,
+    }
 }
 
 /// The firmware's first act at the reset vector, the equivalent of
@@ -106,18 +140,26 @@ fn run_once(mem: &str) -> (f64, f64, f64) {
 const COM1_BYTE: [u8; 6] = [0xb0, b'X', 0xba, 0xf8, 0x03, 0xee];
 
 /// One QEMU run (`-M microvm -accel kvm -nodefaults -no-user-config`,
-/// RAM in a memfd like bdvmm's): (ms from the spawn to the firmware's
-/// console byte, MiB resident beyond guest RAM).
-fn qemu_once(bin: &std::path::Path, fw: &std::path::Path, mib: u64) -> Result<(f64, f64), String> {
+/// RAM in a memfd like bdvmm's, isa-debug-exit at bdvmm's port): (ms from
+/// the spawn to the firmware's console byte, MiB resident beyond guest
+/// RAM, ms from a console key to the reaped QEMU).
+fn qemu_once(
+    bin: &std::path::Path,
+    fw: &std::path::Path,
+    mib: u64,
+) -> Result<(f64, f64, f64), String> {
     let ram_object = format!("memory-backend-memfd,id=ram,size={mib}M");
-    let (mut child, ms) = spawn_to_first_byte(
-        crate::qemu::microvm(bin, mib, &ram_object, fw).args(["-serial", "stdio"]),
-    )?;
+    let (mut child, ms) =
+        spawn_to_first_byte(crate::qemu::microvm(bin, mib, &ram_object, fw).args([
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=1",
+        ]))?;
     sleep(SETTLE);
     let (rss, shmem) = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
-    Ok((ms, rss.saturating_sub(shmem) as f64 / 1024.0))
+    let exit_ms = key_to_reaped(&mut child)?;
+    Ok((ms, rss.saturating_sub(shmem) as f64 / 1024.0, exit_ms))
 }
 
 /// QEMU, when installed, with the firmware its runs boot.
@@ -143,7 +185,11 @@ impl Peer {
             .to_owned();
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let firmware = dir.path().join("fw.bin");
-        std::fs::write(&firmware, crate::qemu::firmware(&COM1_BYTE)).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &firmware,
+            crate::qemu::firmware(&COM1_BYTE, crate::qemu::EXIT_ON_KEY),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Self {
             bin,
             version,
@@ -180,24 +226,27 @@ pub fn run(ctx: &Ctx) -> Section {
         ),
     );
     let (mut base, mut start, mut extra, mut extra_2g) = (vec![], vec![], vec![], vec![]);
-    let mut console = vec![];
+    let (mut console, mut exit) = (vec![], vec![]);
     let qemu = Peer::find();
-    let (mut q_console, mut q_extra, mut q_extra_2g) = (vec![], vec![], vec![]);
+    let (mut q_console, mut q_extra, mut q_extra_2g, mut q_exit) = (vec![], vec![], vec![], vec![]);
     let mut q_err = qemu.as_ref().err().cloned();
     for _ in 0..runs {
         base.push(spawn_ms());
-        let (ms, byte, mib) = run_once("512M");
-        start.push(ms);
-        console.push(byte);
-        extra.push(mib);
-        extra_2g.push(run_once("2G").2);
+        let r = run_once("512M");
+        start.push(r.first_ms);
+        console.push(r.byte_ms);
+        extra.push(r.extra_mib);
+        exit.push(r.exit_ms);
+        extra_2g.push(run_once("2G").extra_mib);
         if let (Ok(q), None) = (&qemu, &q_err) {
-            let both = qemu_once(&q.bin, &q.firmware, 512)
-                .and_then(|(ms, mib)| Ok((ms, mib, qemu_once(&q.bin, &q.firmware, 2048)?.1)));
+            let both = qemu_once(&q.bin, &q.firmware, 512).and_then(|(ms, mib, exit_ms)| {
+                Ok((ms, mib, exit_ms, qemu_once(&q.bin, &q.firmware, 2048)?.1))
+            });
             match both {
-                Ok((ms, mib, mib_2g)) => {
+                Ok((ms, mib, exit_ms, mib_2g)) => {
                     q_console.push(ms);
                     q_extra.push(mib);
+                    q_exit.push(exit_ms);
                     q_extra_2g.push(mib_2g);
                 }
                 Err(e) => q_err = Some(e),
@@ -205,7 +254,7 @@ pub fn run(ctx: &Ctx) -> Section {
         }
     }
     let (base, start, console) = (Dist::new(base), Dist::new(start), Dist::new(console));
-    let (extra, extra_2g) = (Dist::new(extra), Dist::new(extra_2g));
+    let (extra, extra_2g, exit) = (Dist::new(extra), Dist::new(extra_2g), Dist::new(exit));
     let ms = |d: &Dist| format!("p50 {:.2} ms, p99 {:.2} ms", d.p50, d.p99);
     let mib = |d: &Dist| format!("{:.1} MiB (p50)", d.p50);
     sec.figures = vec![
@@ -228,10 +277,11 @@ pub fn run(ctx: &Ctx) -> Section {
     let mut q_dists = json!(null);
     match (&qemu, q_err) {
         (Ok(q), None) => {
-            let (qc, qe, qe2) = (
+            let (qc, qe, qe2, qx) = (
                 Dist::new(q_console),
                 Dist::new(q_extra),
                 Dist::new(q_extra_2g),
+                Dist::new(q_exit),
             );
             let name = format!("QEMU {} microvm", q.version);
             sec.figures.push(
@@ -260,13 +310,27 @@ pub fn run(ctx: &Ctx) -> Section {
                     .headline(),
                 );
             }
+            sec.figures.push(
+                Figure::plain(
+                    "bdvmm: console key to reaped (the guest writes its exit port)",
+                    exit.p50,
+                    "ms",
+                    ms(&exit),
+                )
+                .against(&format!("{name}, isa-debug-exit"), qx.p50, ms(&qx)),
+            );
             sec.notes.push(format!(
                 "Against {name} (`-M microvm,memory-backend=ram -accel kvm -nodefaults \
                  -no-user-config -display none -serial stdio`, guest RAM a memfd as bdvmm's), \
                  interleaved with bdvmm's runs: its firmware's first act at the reset vector is a \
                  byte to COM1, as first_insn's first console byte follows its boot-timer write; \
                  both timed from just before the spawn to the byte on the VMM's stdout. Memory is \
-                 VmRSS − RssShmem {} ms after that byte.",
+                 VmRSS − RssShmem {} ms after that byte. Then a byte on each VMM's stdin: both \
+                 guests poll COM1's line status and write port 0xf4 when it arrives (bdvmm's \
+                 debug-exit, QEMU's `-device isa-debug-exit,iobase=0xf4`), timed from the write \
+                 to the VMM reaped. bdvmm registers guest RAM before its irqchip (a slot added \
+                 while the irqchip's I/O-bus grace period runs waits 5–10 ms for it) and creates \
+                 the in-kernel PIT only for Linux (its teardown costs 13–16 ms at exit).",
                 SETTLE.as_millis()
             ));
             sec.notes.push(format!(
@@ -275,7 +339,7 @@ pub fn run(ctx: &Ctx) -> Section {
                 met(console.p50 < qc.p50 / 5.0),
                 met(extra.p50 < qe.p50 / 10.0 && extra_2g.p50 < qe2.p50 / 10.0)
             ));
-            q_dists = json!({"version": q.version, "console_ms": qc,
+            q_dists = json!({"version": q.version, "console_ms": qc, "exit_ms": qx,
                 "rss_beyond_ram_mib_512m": qe, "rss_beyond_ram_mib_2g": qe2});
         }
         // q_err holds why whenever QEMU was not found.
@@ -307,6 +371,6 @@ pub fn run(ctx: &Ctx) -> Section {
     );
     sec.details = json!({"first_instruction_ms": start, "spawn_baseline_ms": base,
         "console_byte_ms": console, "rss_beyond_ram_mib_512m": extra,
-        "rss_beyond_ram_mib_2g": extra_2g, "qemu": q_dists});
+        "rss_beyond_ram_mib_2g": extra_2g, "exit_ms": exit, "qemu": q_dists});
     sec
 }

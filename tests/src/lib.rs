@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod etcd;
 pub mod fake_guest;
+pub mod guest_image;
 pub mod netns;
 
 /// The repository's root.

@@ -10,116 +10,12 @@
 //! hardware virtualization exists and otherwise skips with its reason.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use bdvmm_tests::guest_image::{build_image, kv1_args, primary, start_primary, Image};
 use bdvmm_tests::shop::{bdctl, Watch};
 use bdvmm_tests::{can_run_with_hardware_virtualization, exit, keys, repo_root, AgentProcess, Vm};
-
-/// What build-image.sh prints.
-#[derive(Debug, Clone)]
-struct Image {
-    release: String,
-    kernel: PathBuf,
-    vmlinux: PathBuf,
-    initrd: PathBuf,
-    module: PathBuf,
-    cmdline: String,
-}
-
-/// Runs images/build-image.sh ARGS and returns its stdout.
-fn run_build_image(args: &[&str]) -> String {
-    let out = Command::new(repo_root().join("images/build-image.sh"))
-        .args(args)
-        .output()
-        .expect("run images/build-image.sh");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "images/build-image.sh {args:?} failed (it needs apt-get with Debian's package lists, \
-         gcc-12, make, python3 and cargo):\n{stderr}"
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-/// Runs images/build-image.sh ARGS (cached between runs) and parses its
-/// output. In the lab the image was built on the host beforehand
-/// (`$BDVMM_IMAGE_MANIFEST` holds what the script printed there); the
-/// script then only says the command line for ARGS.
-fn build_image(args: &[&str]) -> Image {
-    let stdout = match std::env::var_os("BDVMM_IMAGE_MANIFEST") {
-        Some(manifest) => {
-            let built = std::fs::read_to_string(manifest).expect("the lab's image manifest");
-            let mut with = args.to_vec();
-            with.push("--cmdline-only");
-            let cmdline = run_build_image(&with);
-            assert!(cmdline.starts_with("CMDLINE=") && cmdline.lines().count() == 1);
-            built
-                .lines()
-                .filter(|l| !l.starts_with("CMDLINE="))
-                .chain(cmdline.lines())
-                .map(|l| format!("{l}\n"))
-                .collect()
-        }
-        None => run_build_image(args),
-    };
-    let kv: BTreeMap<&str, &str> = stdout
-        .lines()
-        .map(|l| {
-            l.split_once('=')
-                .unwrap_or_else(|| panic!("not KEY=VALUE: {l:?} in\n{stdout}"))
-        })
-        .collect();
-    let keys: Vec<&str> = stdout
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
-        .collect();
-    assert_eq!(
-        keys,
-        [
-            "KERNEL_RELEASE",
-            "KERNEL",
-            "VMLINUX",
-            "INITRD",
-            "MODULE",
-            "MODULES",
-            "KDIR",
-            "CMDLINE"
-        ],
-        "exactly the documented lines, in order:\n{stdout}"
-    );
-    let path = |k: &str| {
-        let p = PathBuf::from(kv[k]);
-        assert!(
-            p.is_absolute() && p.is_file(),
-            "{k}={} is no file",
-            p.display()
-        );
-        p
-    };
-    let kdir = PathBuf::from(kv["KDIR"]);
-    assert!(
-        kdir.join("Module.symvers").is_file() && kdir.join("Makefile").is_file(),
-        "KDIR={} is a kernel headers tree",
-        kdir.display()
-    );
-    Image {
-        release: kv["KERNEL_RELEASE"].to_owned(),
-        kernel: path("KERNEL"),
-        vmlinux: path("VMLINUX"),
-        initrd: path("INITRD"),
-        module: path("MODULE"),
-        cmdline: kv["CMDLINE"].to_owned(),
-    }
-}
-
-/// The primary image, built once per test process.
-fn primary() -> &'static Image {
-    static IMAGE: OnceLock<Image> = OnceLock::new();
-    IMAGE.get_or_init(|| build_image(&[]))
-}
 
 /// One entry of a newc archive.
 #[derive(Debug)]
@@ -379,23 +275,6 @@ fn guest_image_kernel_gets_its_initramfs_and_command_line_from_bdvmm() {
     assert_eq!(len, size.div_ceil(4096) * 4096, "{ramdisk}");
 }
 
-/// `BDIMG: session <id> version <v> keys <k>` lines of the primary's console.
-fn sessions_on_console(console: &str) -> Vec<(u64, u64, u64)> {
-    console
-        .lines()
-        .filter_map(|l| l.split_once("BDIMG: session ").map(|(_, r)| r))
-        .map(|r| {
-            let w: Vec<&str> = r.split_whitespace().collect();
-            assert!(
-                w.len() == 5 && w[1] == "version" && w[3] == "keys",
-                "bad session line {r:?}"
-            );
-            let n = |s: &str| s.parse::<u64>().unwrap_or_else(|_| panic!("{r:?}"));
-            (n(w[0]), n(w[2]), n(w[4]))
-        })
-        .collect()
-}
-
 /// Generous bounds: under the lab's software emulator a Linux boot takes
 /// 20-70 s and every guest step is slow. Not measurements.
 const T: Duration = Duration::from_secs(300);
@@ -405,61 +284,6 @@ const OS_DEADLINE_MS: u64 = 3000;
 /// backdoor.ko's inbox_slot_size default.
 const INBOX_SLOT_SIZE: &str = "4096";
 const INTERVAL_MS: u64 = 100;
-
-/// A primary guest of the image with its sessions ready, its backdoor
-/// served by a separate agent (as in production).
-struct Primary {
-    vm: Vm,
-    agent: AgentProcess,
-    sessions: Vec<(u64, u64, u64)>,
-    target: String,
-}
-
-fn start_primary(
-    dir: &std::path::Path,
-    keys: &std::path::Path,
-    initrd: &std::path::Path,
-    n: u32,
-) -> Primary {
-    let agent = AgentProcess::start(dir, keys);
-    let image = build_image(&["--role", "primary", "--sessions", &n.to_string()]);
-    let mut vm = Vm::start(&[
-        "--kernel",
-        image.kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--mem",
-        "1G",
-        "--vcpus",
-        "2",
-        "--cmdline",
-        &image.cmdline,
-        "--name",
-        "kv1",
-        "--agent-sock",
-        agent.vmm_sock.to_str().unwrap(),
-    ]);
-    vm.wait_line("BDIMG: module loaded", T);
-    let ready = vm.wait_line("BDIMG: sessions ready ids=", T);
-    vm.wait_line("BDIMG: waiting for commands on the console", T);
-    let sessions = sessions_on_console(&vm.console());
-    assert_eq!(sessions.len(), n as usize, "{}", vm.console());
-    assert_eq!(
-        ready.split_once("ids=").unwrap().1.trim(),
-        sessions
-            .iter()
-            .map(|s| s.0.to_string())
-            .collect::<Vec<_>>()
-            .join(","),
-    );
-    let target = format!("kv1@{}", agent.addr);
-    Primary {
-        vm,
-        agent,
-        sessions,
-        target,
-    }
-}
 
 /// The counters `bdctl status --json` reports.
 fn status_counters(target: &str, keyfile: &str) -> Vec<serde_json::Value> {
@@ -585,17 +409,7 @@ fn guest_image_hang_is_detected_extracted_and_resumed() {
     w.verdict("healthy", T);
 
     // The kernel hangs for real (every CPU spinning with interrupts off).
-    p.vm.send_console("hang-kernel\n");
-    // The kernel's own line, not the script's: the script's echo goes
-    // through the tty and may be cut in two by the kernel's message (the
-    // lab saw "BDIMG: hanging t[...] backdoor: ... he kernel now").
-    p.vm.wait_line("backdoor: test-only hang trigger: stopping every CPU", T);
-    let hung_at = Instant::now();
-    let (seen, e) = w.wait("hung (os)", T, |e| {
-        e["event"] == "verdict" && e["verdict"] == "hung" && e["level"] == "os"
-    });
-    assert_eq!(e["counter"].as_str(), Some("kernel"), "{e}");
-    let latency = seen.duration_since(hung_at);
+    let latency = p.hang_kernel(&w, T);
     eprintln!(
         "OS-level hang reported {latency:?} after the trigger (deadline {OS_DEADLINE_MS} ms)"
     );
@@ -1175,24 +989,14 @@ fn guest_image_evidence_of_a_hung_kernel_names_the_trigger_before_on_hang_runs()
     let k = keys::write_file_with_forensic(dir.path());
     let keyfile = k.to_str().unwrap();
     // The in-process agent: it asks bdvmm for fresh vCPU locations (a kick).
-    let mut vm = Vm::start(&[
-        "--kernel",
-        image.kernel.to_str().unwrap(),
-        "--initrd",
-        image.initrd.to_str().unwrap(),
-        "--mem",
-        "1G",
-        "--vcpus",
-        "2",
-        "--cmdline",
-        &image.cmdline,
-        "--name",
-        "kv1",
+    let mut args = kv1_args(image, &image.initrd);
+    args.extend([
         "--backdoor-listen",
         "127.0.0.1:0",
         "--backdoor-keys",
         keyfile,
     ]);
+    let mut vm = Vm::start(&args);
     vm.wait_line("BDIMG: waiting for commands on the console", T);
     let addr = vm.api("status")["agent_addr"].as_str().unwrap().to_owned();
     let target = format!("kv1@{addr}");

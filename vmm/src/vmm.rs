@@ -407,7 +407,8 @@ impl Machine {
     fn build(vmm: &Vmm, boots: u32) -> Result<Self, VmmError> {
         let config = &vmm.config;
         let ram = &vmm.ram;
-        let vm = create_vm(&vmm.kvm, ram)?;
+        let linux = matches!(config.guest, GuestConfig::Linux { .. });
+        let vm = create_vm(&vmm.kvm, ram, linux)?;
 
         let handles: Arc<OnceLock<Vec<VcpuHandle>>> = Arc::new(OnceLock::new());
         let kick_targets = handles.clone();
@@ -560,20 +561,18 @@ struct Stopped {
     vcpus_left: bool,
 }
 
-fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
+/// Creates the VM. Guest RAM is registered before the irqchip and PIT:
+/// their I/O-bus registrations start an SRCU grace period, and a memory
+/// slot added during it waits for it (5–10 ms on PVM; 0.3 ms before).
+/// The PIT is created for Linux only, which calibrates its timers with it;
+/// test guests never program it, and tearing it down costs 13–16 ms at
+/// exit (two synchronous I/O-bus unregistrations).
+fn create_vm(kvm: &Kvm, ram: &GuestRam, pit: bool) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(vm_ioctl("create the VM"))?;
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).expect("64-bit host"))
         .map_err(vm_ioctl("set the TSS address"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
         .map_err(vm_ioctl("set the identity-map address"))?;
-    vm.create_irq_chip()
-        .map_err(vm_ioctl("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(vm_ioctl("create the in-kernel PIT"))?;
     for (slot, range) in ram.ranges().iter().enumerate() {
         let host = ram
             .host_address(slot)
@@ -589,6 +588,16 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
         // (Vmm drops its VmFd before its GuestRam).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(vm_ioctl("register guest RAM with KVM"))?;
+    }
+    vm.create_irq_chip()
+        .map_err(vm_ioctl("create the in-kernel irqchip"))?;
+    if pit {
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(vm_ioctl("create the in-kernel PIT"))?;
     }
     Ok(vm)
 }
