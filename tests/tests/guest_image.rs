@@ -1061,8 +1061,9 @@ fn guest_image_evidence_of_a_hung_kernel_names_the_trigger_before_on_hang_runs()
     w.wait("hung (os)", T, |e| {
         e["verdict"] == "hung" && e["level"] == "os"
     });
+    // action_failed too: a failed capture then shows its error here.
     let (_, ev) = w.wait("evidence", T, |e| {
-        e["event"] == "evidence" || e["event"] == "action"
+        e["event"] == "evidence" || e["event"] == "action" || e["event"] == "action_failed"
     });
     assert_eq!(
         ev["event"], "evidence",
