@@ -159,8 +159,11 @@ pub fn authenticate(
 
 /// Where the gate sends an admitted monitor: its own connection thread.
 pub trait Admit: Send {
-    /// Takes over `stream` (blocking again) for `admitted`.
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, admitted: Admitted);
+    /// Takes over `stream` (still non-blocking) for `admitted`. `accept`
+    /// is the ACCEPT frame, not yet sent: the admitter sends it with the
+    /// first encrypted frame (WELCOME) in one write, so the monitor wakes
+    /// once for both, and never blocks the gate doing so.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, admitted: Admitted, accept: Vec<u8>);
 }
 
 /// A handshake in progress on a non-blocking socket.
@@ -425,13 +428,13 @@ impl<K: KeyRing + Send, A: Admit> Gate<K, A> {
         };
         match hello(&self.keys, msg) {
             Step::Admit(accept, admitted) => {
-                let Some(mut p) = self.take(fd, ops) else {
+                let Some(p) = self.take(fd, ops) else {
                     return;
                 };
-                if !send_now(&mut p.stream, &accept) || p.stream.set_nonblocking(false).is_err() {
-                    return;
+                let mut frame = Vec::new();
+                if write_msg(&mut frame, 0, &accept).is_ok() {
+                    self.admit.admit(p.stream, p.peer, *admitted, frame);
                 }
-                self.admit.admit(p.stream, p.peer, *admitted);
             }
             Step::Refuse(m, why) => {
                 match why {

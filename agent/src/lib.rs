@@ -13,12 +13,13 @@ pub mod server;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 pub mod vmm_link;
+pub mod workers;
 
 // The protocol and the client live in backdoor-proto (what monitors link);
 // the agent serves the same frames.
 #[cfg(feature = "verbs")]
 pub use backdoor_proto::verbs_client;
-pub use backdoor_proto::{auth, channel, client, doctor, wire};
+pub use backdoor_proto::{auth, channel, client, doctor, latency, wire};
 pub use client::{Client, ClientError, RemoteSlot};
 pub use descriptor::{
     DescriptorSource, PublicDescriptor, PushedDescriptor, PushedVcpus, VcpuSource,

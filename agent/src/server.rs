@@ -17,6 +17,7 @@ use backdoor_dev::Descriptor;
 
 use crate::access::{authorize, Op, Refusal};
 use crate::auth::{KeyFile, Keys};
+use crate::channel::Channel;
 use crate::descriptor::{DescriptorSource, PublicDescriptor, VcpuSource};
 use crate::guest_mem::GuestMemory;
 use crate::handshake::{self, Admit, Admitted, Gate, KeyRing, HANDSHAKE_DEADLINE};
@@ -60,6 +61,8 @@ pub struct Agent {
     vcpus: Option<Arc<dyn VcpuSource>>,
     max_connections: usize,
     connections: AtomicUsize,
+    /// The monitors' threads, kept for the next connection.
+    workers: Arc<crate::workers::Workers>,
     busy_poll: Duration,
     idle_timeout: Duration,
     handshake_deadline: Duration,
@@ -92,6 +95,7 @@ impl Agent {
             vcpus: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connections: AtomicUsize::new(0),
+            workers: Arc::default(),
             busy_poll: DEFAULT_BUSY_POLL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             handshake_deadline: HANDSHAKE_DEADLINE,
@@ -161,6 +165,9 @@ impl Agent {
         std::thread::Builder::new()
             .name("bd-agent".into())
             .spawn(move || {
+                // Handshakes are short bursts on wake-up: they should
+                // preempt a vCPU rather than wait out its slice.
+                backdoor_proto::latency::prefer_short_slices();
                 if let Err(e) = gate.run() {
                     tracing::error!(
                         "agent: the accept loop stopped: {}",
@@ -183,19 +190,22 @@ impl Agent {
 
     /// Serves one authenticated monitor until it leaves, goes idle past
     /// the idle timeout, or sends a frame that fails its check.
+    /// `unsent` is what the gate could not yet send of ACCEPT and WELCOME.
     fn serve_monitor(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        admitted: Admitted,
+        role: Role,
+        mut channel: Channel,
+        unsent: &[u8],
     ) -> Result<(), WireError> {
-        let Admitted { role, mut channel } = admitted;
+        stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(self.idle_timeout))?;
         stream.set_write_timeout(Some(self.idle_timeout))?;
         let mut r = BufReader::new(stream.try_clone()?);
         let mut w = BufWriter::new(stream.try_clone()?);
         tracing::info!(%peer, role = role.name(), "agent: monitor authenticated");
-        channel.send(&mut w, 0, &Msg::Welcome(self.public_descriptor(role)))?;
+        w.write_all(unsent)?;
         w.flush()?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         // This connection's RDMA queue pair and MRs: gone when it ends.
@@ -450,34 +460,59 @@ impl KeyRing for Agent {
 }
 
 impl Admit for Arc<Agent> {
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, admitted: Admitted) {
-        if self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
-            self.connections.fetch_sub(1, Ordering::SeqCst);
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, admitted: Admitted, accept: Vec<u8>) {
+        let Admitted { role, mut channel } = admitted;
+        let full = self.connections.fetch_add(1, Ordering::SeqCst) >= self.max_connections;
+        // Past ACCEPT, so a refusal is encrypted like any reply.
+        let first = if full {
             tracing::warn!(%peer, "agent: refusing a monitor beyond {} connections", self.max_connections);
-            // Past ACCEPT, so the refusal is encrypted like any reply.
-            let mut s = stream;
-            let mut channel = admitted.channel;
-            let _ = channel.send(
-                &mut s,
-                0,
-                &error(ErrorCode::Busy, "too many monitors connected".into()),
-            );
+            error(ErrorCode::Busy, "too many monitors connected".into())
+        } else {
+            Msg::Welcome(self.public_descriptor(role))
+        };
+        let mut greeting = accept;
+        let sent = channel
+            .send(&mut greeting, 0, &first)
+            .ok()
+            .and_then(|()| write_some(&stream, &greeting));
+        let (Some(sent), false) = (sent, full) else {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
             return;
-        }
+        };
+        // What a full send buffer left is sent by the monitor's thread,
+        // which may block: the gate never does.
+        greeting.drain(..sent);
         let agent = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("bd-monitor".into())
-            .spawn(move || {
-                match agent.serve_monitor(stream, peer, admitted) {
+        let spawned = self.workers.run(
+            "bd-monitor",
+            Box::new(move || {
+                match agent.serve_monitor(stream, peer, role, channel, &greeting) {
                     Ok(()) => tracing::debug!(%peer, "agent: monitor left"),
                     Err(e) => {
                         tracing::info!(%peer, "agent: connection closed: {}", backdoor_abi::ErrorChain(&e))
                     }
                 }
                 agent.connections.fetch_sub(1, Ordering::SeqCst);
-            });
+            }),
+        );
         if spawned.is_err() {
             self.connections.fetch_sub(1, Ordering::SeqCst);
         }
     }
+}
+
+/// Writes what a non-blocking `stream` takes now of `bytes`: how much, or
+/// None if the connection failed.
+fn write_some(mut stream: &TcpStream, bytes: &[u8]) -> Option<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match stream.write(&bytes[sent..]) {
+            Ok(0) => return None,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return None,
+        }
+    }
+    Some(sent)
 }

@@ -60,6 +60,9 @@ pub fn microvm(bin: &Path, mib: u64, ram_object: &str, fw: &Path) -> Command {
     cmd
 }
 
+/// The second QMP monitor's socket, in [`Qemu::dir`].
+const FRESH_QMP: &str = "qmp-fresh.sock";
+
 /// A QMP connection.
 #[derive(Debug)]
 pub struct Qmp {
@@ -170,6 +173,13 @@ impl Qemu {
         let child = microvm(&bin, mib, &ram_object, &fw_path)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            // A second monitor for one-shot connections (a QMP socket
+            // serves one client at a time; the first stays open).
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.path().join(FRESH_QMP).display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -184,6 +194,12 @@ impl Qemu {
                 Err(e)
             }
         }
+    }
+
+    /// A new QMP connection, as a script that runs one command opens
+    /// (greeting and `qmp_capabilities` done), on the second monitor.
+    pub fn fresh_qmp(&self) -> Result<Qmp, String> {
+        Qmp::connect(&self.dir.path().join(FRESH_QMP), Duration::from_secs(5))
     }
 
     /// QEMU's version string.

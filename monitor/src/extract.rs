@@ -11,8 +11,6 @@
 //! a slot still moving after [`MAX_RETRIES`] rounds is reported torn. A
 //! record whose CRC fails is reported as corrupt and never used.
 
-use std::collections::BTreeMap;
-
 use backdoor_abi::record::{validate, ReadOutcome, Record};
 use backdoor_abi::{SboxHeader, LINE, LINE_LEN, SBOX_MAGIC};
 use backdoor_proto::wire::{BatchEntry, MAX_BATCH, MAX_READ};
@@ -122,7 +120,7 @@ pub fn extract(
     let mut done = 0u64;
     let mut summary = Summary::default();
     let mut problems = Vec::new();
-    let mut newest: BTreeMap<(String, u64), Session> = BTreeMap::new();
+    let mut sessions: Vec<Session> = Vec::new();
     for h in &boxes {
         let hdr = SboxHeader::from_bytes(
             &client
@@ -174,7 +172,7 @@ pub fn extract(
                 service,
                 &mut summary,
                 &mut problems,
-                &mut newest,
+                &mut sessions,
             );
         }
         done = box_done + h.len;
@@ -195,7 +193,7 @@ pub fn extract(
         generation: d.generation,
         sealed: d.sealed,
         summary,
-        sessions: newest.into_values().collect(),
+        sessions: newest_of_each(sessions),
         problems,
     })
 }
@@ -218,10 +216,12 @@ impl Slots {
 
     /// The slots of the first `count` whose seq word is not zero.
     pub fn census(&self, client: &mut Client, count: u64) -> Result<Vec<u64>, ClientError> {
-        let entries = (0..count).map(|i| BatchEntry {
-            hook: self.hook,
-            offset: self.at(i),
-            len: 8,
+        let entries = (0..count).map(|i| {
+            [BatchEntry {
+                hook: self.hook,
+                offset: self.at(i),
+                len: 8,
+            }]
         });
         let bytes = client.read_batches(&batches(entries), DEPTH)?.concat();
         Ok(bytes
@@ -250,7 +250,7 @@ impl Slots {
             if pending.is_empty() {
                 break;
             }
-            let entries = pending.iter().flat_map(|&k| {
+            let entries = pending.iter().map(|&k| {
                 let at = self.at(slots[k]);
                 [
                     BatchEntry {
@@ -265,9 +265,11 @@ impl Slots {
                     },
                 ]
             });
-            let bytes = client.read_batches(&batches(entries), DEPTH)?.concat();
+            // Batches hold whole pairs: each reply is read where it lies.
+            let replies = client.read_batches(&batches(entries), DEPTH)?;
+            let pairs = replies.iter().flat_map(|b| b.chunks_exact(size + 8));
             let mut moved = Vec::new();
-            for (&k, pair) in pending.iter().zip(bytes.chunks_exact(size + 8)) {
+            for (&k, pair) in pending.iter().zip(pairs) {
                 let (slot, after) = pair.split_at(size);
                 let s1 = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
                 let s2 = u64::from_le_bytes(after.try_into().expect("8 bytes"));
@@ -295,21 +297,24 @@ impl Slots {
     }
 }
 
-/// `entries` cut into batches the agent accepts (at most [`MAX_BATCH`]
-/// entries and [`BATCH_BYTES`] bytes; an entry larger than that alone).
-fn batches(entries: impl Iterator<Item = BatchEntry>) -> Vec<Vec<BatchEntry>> {
+/// `units` (groups of entries that must share a batch: a slot and its
+/// seq re-check) cut into batches the agent accepts (at most
+/// [`MAX_BATCH`] entries and [`BATCH_BYTES`] bytes; a unit larger than
+/// that alone).
+fn batches<const N: usize>(units: impl Iterator<Item = [BatchEntry; N]>) -> Vec<Vec<BatchEntry>> {
     let mut out: Vec<Vec<BatchEntry>> = Vec::new();
     let mut bytes = 0u64;
-    for e in entries {
-        let full = out.last().is_none_or(|b| {
-            b.len() >= MAX_BATCH as usize || bytes + u64::from(e.len) > BATCH_BYTES
-        });
+    for unit in units {
+        let len: u64 = unit.iter().map(|e| u64::from(e.len)).sum();
+        let full = out
+            .last()
+            .is_none_or(|b| b.len() + N > MAX_BATCH as usize || bytes + len > BATCH_BYTES);
         if full {
             out.push(Vec::new());
             bytes = 0;
         }
-        bytes += u64::from(e.len);
-        out.last_mut().expect("a batch").push(e);
+        bytes += len;
+        out.last_mut().expect("a batch").extend(unit);
     }
     out
 }
@@ -321,7 +326,7 @@ fn classify(
     service: Option<&str>,
     summary: &mut Summary,
     problems: &mut Vec<Problem>,
-    newest: &mut BTreeMap<(String, u64), Session>,
+    sessions: &mut Vec<Session>,
 ) {
     match outcome {
         ReadOutcome::Empty => summary.empty += 1,
@@ -351,12 +356,32 @@ fn classify(
             if service.is_some_and(|s| s != record.service) {
                 return;
             }
-            let key = (record.service.clone(), record.session_id);
-            if newest.get(&key).is_none_or(|s| record.version > s.version) {
-                newest.insert(key, session(record, hook, slot));
-            }
+            sessions.push(session(record, hook, slot));
         }
     }
+}
+
+/// The newest record of each (service, session), sorted by them; of
+/// records of the same version, the first read. A sort, not a map keyed
+/// by owned names: no allocation per record.
+fn newest_of_each(mut sessions: Vec<Session>) -> Vec<Session> {
+    sessions.sort_by(|a, b| {
+        (&a.service, a.session_id)
+            .cmp(&(&b.service, b.session_id))
+            .then(b.version.cmp(&a.version))
+    });
+    sessions.dedup_by(|later, kept| {
+        later.service == kept.service && later.session_id == kept.session_id
+    });
+    sessions
+}
+
+/// Lower-case hex, written a byte at a time (`hex::encode` collects
+/// chars one by one: most of an extraction's CPU once went there).
+fn to_hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex::encode_to_slice(bytes, &mut out).expect("twice the length");
+    String::from_utf8(out).expect("hex is ASCII")
 }
 
 fn session(r: Record, hook: &str, slot: u64) -> Session {
@@ -370,7 +395,7 @@ fn session(r: Record, hook: &str, slot: u64) -> Session {
         session_id: r.session_id,
         version: r.version,
         stage: r.stage,
-        payload_hex: hex::encode(&r.payload),
+        payload_hex: to_hex(&r.payload),
         payload_text: text,
         hook: hook.into(),
         slot,

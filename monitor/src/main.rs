@@ -10,6 +10,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every command mostly waits for replies: on the guest's own host a
+    // woken bdctl should preempt a vCPU that holds the core, not wait out
+    // its slice (threads spawned later inherit this).
+    backdoor_proto::latency::prefer_short_slices();
     let result = match cli.command {
         Command::Watch(a) => a
             .resolve()

@@ -10,6 +10,7 @@ pub mod channel;
 pub mod client;
 pub mod descriptor;
 pub mod doctor;
+pub mod latency;
 pub mod sched;
 #[cfg(feature = "verbs")]
 pub mod verbs;
